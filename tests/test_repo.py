@@ -1,0 +1,43 @@
+"""Repository hygiene: README rendered from nbs/index.ipynb, CI runs the README's commands, notebooks clean and small."""
+import json, re, subprocess, sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def _fenced_sh(md, heading):
+    "The first ```sh block after `heading` in markdown `md`."
+    part = md.split(heading, 1)[1]
+    return re.search(r"```sh\n(.+?)\n```", part, re.S).group(1).strip()
+
+
+def test_readme_is_rendered_from_index(tmp_path):
+    subprocess.run([sys.executable, '-m', 'nbconvert', '--to', 'markdown', '--output-dir', str(tmp_path), '--output', 'README',
+                    str(ROOT/'nbs'/'index.ipynb')], check=True, capture_output=True)
+    assert (tmp_path/'README.md').read_text() == (ROOT/'README.md').read_text(), \
+        "README.md is out of date: run `jupyter nbconvert --to markdown --output-dir . --output README nbs/index.ipynb`"
+
+
+def test_readme_has_one_install_and_one_test_command_and_ci_runs_them():
+    md, ci = (ROOT/'README.md').read_text(), (ROOT/'.ci'/'run').read_text()
+    install, test = _fenced_sh(md, '## Install'), _fenced_sh(md, '## Run the tests')
+    assert len(install.splitlines()) == 1 and len(test.splitlines()) == 1
+    assert install in ci, f".ci/run must run the README's install command: {install}"
+    assert test in ci, f".ci/run must run the README's test command: {test}"
+    assert 'nbdev_test' in test and 'pytest' in test and '--doctest-modules course_lib' in test
+
+
+def test_notebooks_are_clean_and_small():
+    for nb_path in sorted((ROOT/'nbs').glob('*.ipynb')):
+        nb = json.loads(nb_path.read_text())
+        assert nb_path.stat().st_size < 600_000, f"{nb_path.name} is {nb_path.stat().st_size:,} bytes: downscale its figures"
+        for c in nb['cells']:
+            assert c.get('execution_count') is None, f"{nb_path.name}: run nbdev_clean (execution counts left)"
+            assert not c.get('metadata'), f"{nb_path.name}: run nbdev_clean (cell metadata left)"
+            assert not any(o.get('output_type') == 'error' for o in c.get('outputs', [])), f"{nb_path.name}: an error output is committed"
+
+
+def test_each_notebook_exports_at_most_one_module():
+    for nb_path in sorted((ROOT/'nbs').glob('*.ipynb')):
+        srcs = [''.join(c['source']) for c in json.loads(nb_path.read_text())['cells'] if c['cell_type'] == 'code']
+        assert sum(bool(re.match(r'#\|\s*default_exp\b', s)) for s in srcs) <= 1, nb_path.name
