@@ -5,11 +5,23 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/90_all.ipynb #0912e711
+# %% ../nbs/90_all.ipynb #e1b0f55f
 from course_lib.data import *
 from course_lib.augment import *
 from course_lib.losses import *
+from course_lib.learner import *
+from course_lib.lr_finder import *
+from course_lib.models import *
+from course_lib.callbacks import *
+from course_lib.interpret import *
+from course_lib.fp16 import *
+from course_lib.hotdog import *
+from course_lib.keras_lecture import *
 
-# %% ../nbs/90_all.ipynb #ac52985c
-import course_lib.data, course_lib.augment, course_lib.losses
-__all__ = [n for m in (course_lib.data, course_lib.augment, course_lib.losses) for n in m.__all__]
+# %% ../nbs/90_all.ipynb #6e011a04
+import course_lib.data, course_lib.augment, course_lib.losses, course_lib.learner, course_lib.lr_finder
+import course_lib.models, course_lib.callbacks, course_lib.interpret, course_lib.fp16, course_lib.hotdog, course_lib.keras_lecture
+_modules = (course_lib.data, course_lib.augment, course_lib.losses, course_lib.learner, course_lib.lr_finder,
+            course_lib.models, course_lib.callbacks, course_lib.interpret, course_lib.fp16, course_lib.hotdog,
+            course_lib.keras_lecture)
+__all__ = [n for m in _modules for n in m.__all__]
