@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from .data import ItemTransform, DataLoaders, DataLoader, register_tfm, load_image, image_to_tensor, show_images
+from .data import ItemTransform, DataLoaders, DataLoader, register_tfm, image_to_tensor
 
 # %% auto #0
 __all__ = ['imagenet_stats', 'Resize', 'crop_mats', 'flip_mats', 'rotate_mats', 'zoom_mats', 'homography_from_points',

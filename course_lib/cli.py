@@ -4,15 +4,15 @@
 
 # %% ../nbs/14_main_job.ipynb #a89eaf85
 from __future__ import annotations
-import argparse, json, math, sys, time, traceback, warnings
+import argparse, json, math, sys, time, warnings
 from pathlib import Path
 
 import torch
 import matplotlib
 from .data import (URLs, untar_data, data_home, DataBlock, ImageBlock, CategoryBlock, get_image_files,
-                             RandomSplitter, RegexLabeller, using_attr, load_image, UnreadableImageError)
+                             RandomSplitter, RegexLabeller, using_attr, UnreadableImageError)
 from .augment import Resize, aug_transforms
-from .learner import Learner, load_learner, error_rate, accuracy
+from .learner import load_learner, error_rate, accuracy
 from .losses import CrossEntropyLossFlat
 from .lr_finder import minimum, steep, valley
 from .models import vision_learner, PretrainedWeightsError
@@ -149,7 +149,6 @@ def _savefig(path):
 def run_pets(args) -> int:
     "The `pets` subcommand: data, lr_find, fine_tune, interpretation; files into `args.out`. Returns the exit code."
     matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     out = Path(args.out); out.mkdir(parents=True, exist_ok=True)
     cfg = resolve_config(args)
     state = {'config': cfg, 'preset': args.preset, 'status': 'running', 'step': 'data', 'metrics': {}, 'epochs': []}
@@ -205,12 +204,16 @@ def predict_files(model_dir, images, k=3):
     model = Path(model_dir)/'model.pth'
     if not model.exists(): raise SystemExit(f"course-lib predict: no model.pth in {model_dir}; train one with `course-lib pets --out {model_dir}`.")
     learn = load_learner(model)
-    good, results = [], {}
-    for f in images:
-        try: load_image(f); good.append(Path(f))
-        except (UnreadableImageError, OSError) as e: results[str(f)] = {'file': str(f), 'error': str(e)}
+    dl = learn.dls.test_dl([Path(f) for f in images])
+    with warnings.catch_warnings():  # each unreadable file gets its own error entry instead
+        warnings.simplefilter('ignore')
+        try: probs = learn.get_preds(dl=dl)[0]
+        except ValueError:  # no batch at all: fine only if every file was unreadable
+            if len(dl.bad) < len(images): raise
+            probs = torch.empty(0)
+    results = {str(images[i]): {'file': str(images[i]), 'error': msg} for i, msg in dl.bad.items()}
+    good = [f for i, f in enumerate(images) if i not in dl.bad]
     if good:
-        probs, _ = learn.get_preds(dl=learn.dls.test_dl(good))
         for f, p in zip(good, probs):
             top = p.topk(min(k, len(p)))
             results[str(f)] = {'file': str(f), 'label': learn.dls.vocab[int(top.indices[0])], 'prob': float(top.values[0]),

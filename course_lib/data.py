@@ -8,7 +8,6 @@ import hashlib, os, random, re, shutil, socket, tarfile, tempfile, threading, ur
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch

@@ -10,7 +10,6 @@ import math, numbers
 
 import numpy as np
 import torch
-from torch import Tensor
 import matplotlib.pyplot as plt
 
 # %% ../nbs/09_interpretation.ipynb #b27fdae6

@@ -204,7 +204,7 @@ def test_reset_on_fit(tmp_path):
 
 
 def test_lr_find_with_trackers_attached(tmp_path):
-    lr_finder = pytest.importorskip('course_lib.lr_finder')
+    pytest.importorskip('course_lib.lr_finder')
     learn = make_learner(tmp_path)
     learn.add_cbs([SaveModelCallback(), EarlyStoppingCallback()])
     before = copy.deepcopy(learn.model.state_dict())

@@ -11,13 +11,7 @@ import course_lib.fp16 as fp16
 from course_lib.fp16 import MixedPrecision, MixedPrecisionWarning, to_float
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "Tiny tensors: one thread is faster, and steady on a machine shared with other work."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # fixture in conftest.py
 
 
 def synth_dls(n=256, bs=32, seed=0):

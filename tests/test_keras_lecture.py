@@ -1,5 +1,5 @@
 "Tests for course_lib.keras_lecture that a notebook should not carry: bad inputs, edge cases, properties."
-import math, pytest, torch
+import pytest, torch
 from torch import nn
 from course_lib.keras_lecture import (TensorLoader, tensor_dls, mlp, reuse_all_but_output, set_trainable, top_k,
                                       classifier_head, sched_power, sched_exp, sched_piecewise, ReduceLROnPlateau)

@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.data import TensorDataset, DataLoader as TorchDataLoader
 
 from course_lib.data import DataLoaders
-from course_lib.learner import Learner, Callback, ProgressCallback, Recorder
+from course_lib.learner import Learner, Callback, ProgressCallback
 from course_lib.lr_finder import *
 from course_lib.lr_finder import _dl_rngs, _set_dl_rngs
 

@@ -10,7 +10,6 @@ os.environ.setdefault('COURSE_LIB_DATA', str(Path(__file__).resolve().parents[2]
 from course_lib.data import *
 from course_lib.augment import *
 from course_lib.learner import Learner, accuracy, load_learner
-import course_lib.lr_finder  # adds Learner.lr_find
 from course_lib.models import *
 from course_lib.models import _lite, FrozenBNCallback
 
