@@ -14,14 +14,16 @@ from course_lib.lr_finder import *
 from course_lib.models import *
 from course_lib.callbacks import *
 from course_lib.interpret import *
+from course_lib.architectures import *
 from course_lib.fp16 import *
 from course_lib.hotdog import *
 from course_lib.keras_lecture import *
 
 # %% ../nbs/90_all.ipynb #6e011a04
 import course_lib.data, course_lib.augment, course_lib.losses, course_lib.learner, course_lib.lr_finder
-import course_lib.models, course_lib.callbacks, course_lib.interpret, course_lib.fp16, course_lib.hotdog, course_lib.keras_lecture
+import course_lib.models, course_lib.callbacks, course_lib.interpret, course_lib.architectures, course_lib.fp16
+import course_lib.hotdog, course_lib.keras_lecture
 _modules = (course_lib.data, course_lib.augment, course_lib.losses, course_lib.learner, course_lib.lr_finder,
-            course_lib.models, course_lib.callbacks, course_lib.interpret, course_lib.fp16, course_lib.hotdog,
+            course_lib.models, course_lib.callbacks, course_lib.interpret, course_lib.architectures, course_lib.fp16, course_lib.hotdog,
             course_lib.keras_lecture)
 __all__ = [n for m in _modules for n in m.__all__]

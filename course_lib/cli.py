@@ -24,7 +24,7 @@ __all__ = ['PRESETS', 'build_parser', 'resolve_config', 'find_images', 'pets_dat
 
 # %% ../nbs/14_main_job.ipynb #fbe20b6c
 PRESETS = {
-    'sample': dict(data='sample', arch='efficientnet_lite0', presize=258, size=224, min_scale=0.75, mult=0.5, bs=32,
+    'sample': dict(data='sample', arch='efficientnet_lite2', presize=258, size=224, min_scale=0.75, mult=0.5, bs=32,
                    epochs=0, freeze_epochs=6, lr=1e-2, num_it=20, head='linear', label_smoothing=0.1, valid_pct=0.2),
     'cpu': dict(data='full', arch='efficientnet_lite0', presize=258, size=224, min_scale=0.75, mult=0.5, bs=32,
                 epochs=0, freeze_epochs=3, lr=1e-2, num_it=50, head='linear', label_smoothing=0.1, valid_pct=0.2),

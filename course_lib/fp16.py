@@ -75,6 +75,7 @@ class MixedPrecision(Callback):
 
     def before_batch(self):
         if not self.active: return
+        self._leave_autocast()  # one left open by a batch that raised (e.g. out of memory, retried by auto_bs)
         self._autocast = torch.autocast(self.device_type, dtype=self.dtype)
         self._autocast.__enter__()
     def _leave_autocast(self):

@@ -4,13 +4,14 @@
 
 # %% auto #0
 __all__ = ['EVENTS', 'CancelFitException', 'CancelEpochException', 'CancelTrainException', 'CancelValidException',
-           'CancelBatchException', 'LossNotFiniteError', 'Callback', 'no_decay_ids', 'default_splitter', 'param_groups',
-           'Adam', 'SGD', 'group_lrs', 'sched_cos', 'combined_cos', 'accuracy', 'error_rate', 'register_model',
-           'registered_models', 'create_model', 'simple_cnn', 'Recorder', 'progress_bar', 'ProgressCallback', 'Learner',
-           'ParamScheduler', 'patch_to', 'load_learner']
+           'CancelBatchException', 'LossNotFiniteError', 'BatchTooLargeError', 'is_out_of_memory', 'Callback',
+           'no_decay_ids', 'default_splitter', 'param_groups', 'Adam', 'SGD', 'group_lrs', 'sched_cos', 'combined_cos',
+           'accuracy', 'error_rate', 'register_model', 'registered_models', 'create_model', 'simple_cnn', 'Recorder',
+           'progress_bar', 'ProgressCallback', 'fast_cpu_allocator', 'Learner', 'ParamScheduler', 'patch_to',
+           'load_learner']
 
 # %% ../nbs/04_learner.ipynb #5ef71051
-import math, time, copy, numbers, pickle, re
+import ctypes, math, os, sys, time, copy, numbers, pickle, re, warnings
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -36,6 +37,18 @@ class CancelBatchException(Exception):
 
 class LossNotFiniteError(FloatingPointError):
     "The training loss became NaN or infinite; the message says when and at which learning rate."
+
+class BatchTooLargeError(torch.OutOfMemoryError):
+    "A batch did not fit in memory; the message gives the batch size in use and a smaller one to try."
+
+def is_out_of_memory(e:BaseException) -> bool:
+    """True if `e` is an out-of-memory error from CUDA, MPS or the CPU allocator.
+
+    >>> is_out_of_memory(RuntimeError('CUDA out of memory. Tried to allocate 2.00 GiB')), is_out_of_memory(ValueError('x'))
+    (True, False)
+    """
+    if isinstance(e, torch.OutOfMemoryError): return True
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in ('out of memory', "can't allocate memory"))
 
 # %% ../nbs/04_learner.ipynb #499a59b8
 EVENTS = ('before_fit', 'before_epoch', 'before_train', 'before_batch', 'after_pred', 'after_loss',
@@ -361,7 +374,11 @@ class ProgressCallback(Callback):
         total = learn.n_epoch * (_len(learn.dls.train) + _len(getattr(learn.dls, 'valid', None)))
         self.bar = progress_bar(total, desc=f'epoch 1/{learn.n_epoch}')
         self.table = _EpochTable(learn.recorder.metric_names) if self.show_table else None
-    def before_epoch(self): self.bar.set_description(f'epoch {self.learn.epoch + 1}/{self.learn.n_epoch}', refresh=False)
+    def before_epoch(self):
+        learn = self.learn  # the total grows if auto_bs made the batches smaller
+        per_epoch = _len(learn.dls.train) + _len(getattr(learn.dls, 'valid', None))
+        self.bar.total = max(self.bar.total, self.bar.n + (learn.n_epoch - learn.epoch) * per_epoch)
+        self.bar.set_description(f'epoch {learn.epoch + 1}/{learn.n_epoch}', refresh=False)
     def after_batch(self): self.bar.update(1)
     def after_epoch(self):
         if self.table is not None: self.table.add(self.learn.recorder.values[-1])
@@ -371,6 +388,23 @@ class ProgressCallback(Callback):
 def _len(dl):
     try: return len(dl)
     except TypeError: return 0
+
+# %% ../nbs/04_learner.ipynb #86716a1e
+def _mallopt(mmap_threshold:int, trim_threshold:int) -> bool:
+    "Set glibc's M_MMAP_THRESHOLD and M_TRIM_THRESHOLD; False if this is not glibc."
+    try: libc = ctypes.CDLL('libc.so.6')
+    except OSError: return False
+    return bool(libc.mallopt(-3, mmap_threshold)) and bool(libc.mallopt(-1, trim_threshold))
+
+_allocator = {}
+def fast_cpu_allocator(mmap_threshold:int=256 * 2**20, trim_threshold:int=2**30) -> bool:
+    """Once per process: let glibc serve blocks up to `mmap_threshold` bytes from its heap and keep `trim_threshold`
+    bytes of freed heap, instead of a fresh page mapping for every large tensor. True if applied."""
+    if 'on' not in _allocator:
+        wanted = sys.platform.startswith('linux') and os.environ.get('COURSE_LIB_MALLOC', '') != 'default'
+        _allocator['on'] = wanted and _mallopt(mmap_threshold, trim_threshold)
+    return _allocator['on']
+
 
 # %% ../nbs/04_learner.ipynb #70f311d6
 class Learner:
@@ -386,7 +420,7 @@ class Learner:
         self.metrics = [] if metrics is None else list(metrics) if isinstance(metrics, (list, tuple)) else [metrics]
         self.path, self.model_dir = Path('.' if path is None else path), model_dir
         self.opt, self.cbs, self.training, self.loss_val, self.n_epoch = None, [], False, None, 1
-        self.add_cbs([Recorder(), ProgressCallback()] + list(cbs or []))
+        self.add_cbs([Recorder(), ProgressCallback()]).add_cbs(cbs or [])
 
     # --- callbacks ---
     def add_cb(self, cb):
@@ -397,7 +431,8 @@ class Learner:
         self.cbs = sorted(self.cbs + [cb], key=lambda c: c.order)
         return self
     def add_cbs(self, cbs):
-        for cb in cbs: self.add_cb(cb)
+        "Add each of `cbs` (a single callback is accepted too)."
+        for cb in ([cbs] if isinstance(cbs, (Callback, type)) else cbs): self.add_cb(cb)
         return self
     def remove_cb(self, cb):
         "Remove callback `cb` (an instance, or a class: every callback of that class)."
@@ -462,6 +497,7 @@ class Learner:
             else: raise ValueError(f"unknown hyper-parameter {name!r}; use 'lr', 'mom' or 'wd'")
     def get_hyper(self, name:str) -> list:
         "Current value of `name` ('lr' or 'mom') for each splitter group (None where the optimiser has none)."
+        if self.opt is None: self.create_opt()
         res = []
         for i in range(self.n_groups):
             pg = self._groups_of(i)
@@ -486,11 +522,14 @@ class Learner:
                 raise ValueError(f"the {name} DataLoader is empty (len(dls.{name}) == 0): no batches to run. Check that "
                                  f"the {name} set has items and that the batch size is not larger than the set with drop_last")
 
-    def fit(self, n_epoch:int, lr=None, wd=None, cbs=None):
-        "Train for `n_epoch` epochs at learning rate(s) `lr` (default `self.lr`), weight decay `wd` (default `self.wd`)."
+    def fit(self, n_epoch:int, lr=None, wd=None, cbs=None, auto_bs:bool=False):
+        """Train for `n_epoch` epochs at learning rate(s) `lr` (default `self.lr`), weight decay `wd` (default `self.wd`).
+        If a batch runs out of memory: `auto_bs=True` halves the batch size and restarts that epoch, else `BatchTooLargeError`."""
         lr = self.lr if lr is None else lr
         self._check_fit_args(n_epoch, lr)
-        self._fit(n_epoch, lr, wd, cbs)
+        self.auto_bs = auto_bs
+        try: self._fit(n_epoch, lr, wd, cbs)
+        finally: self.auto_bs = False
 
     def _fit(self, n_epoch, lr, wd, cbs):
         "`fit` without the argument checks (used by `lr_find`, which needs no validation set)."
@@ -498,6 +537,7 @@ class Learner:
         self.set_lrs(lr)
         self.set_hyper('wd', self.wd if wd is None else wd)
         self.model.to(self.device)
+        if self.device.type == 'cpu': fast_cpu_allocator()
         self.n_epoch, self.epoch = int(n_epoch), 0
         with self.added_cbs(cbs):
             try: self._with_events(self._do_fit, 'fit', CancelFitException)
@@ -515,6 +555,14 @@ class Learner:
             self._with_events(self._do_epoch, 'epoch', CancelEpochException)
 
     def _do_epoch(self):
+        while True:
+            try: return self._train_then_validate()
+            except Exception as e:
+                if not is_out_of_memory(e): raise
+                self._shrink_batch(e)
+                self('before_epoch')  # the epoch starts over with the smaller batches
+
+    def _train_then_validate(self):
         self.dl, self.training = self.dls.train, True
         self.model.train()
         self._with_events(self._all_batches, 'train', CancelTrainException)
@@ -550,6 +598,28 @@ class Learner:
         self('after_step')
         self.opt.zero_grad(set_to_none=True)
 
+    def _shrink_batch(self, err):
+        "After an out-of-memory error: free the batch, then halve the batch size (`auto_bs`) or raise `BatchTooLargeError`."
+        self.pred = self.loss = self.xb = self.yb = None
+        if self.opt is not None: self.opt.zero_grad(set_to_none=True)
+        if self.device.type == 'cuda': torch.cuda.empty_cache()
+        phase = 'train' if self.training else 'valid'
+        bs = getattr(self.dl, 'bs', None)
+        where = (f"{self.device.type} ran out of memory at epoch {self.epoch} (0-based), {phase} batch {self.iter} of "
+                 f"{self.n_iter}, with batches of bs={bs} (dls.{phase}.bs)")
+        if bs is None:
+            raise BatchTooLargeError(f"{where}. Build the DataLoaders with a smaller batch size. ({err})") from err
+        if bs < 2:
+            raise BatchTooLargeError(f"{where}: even one item does not fit. Use smaller images (a smaller `size` in "
+                                     f"aug_transforms), a smaller architecture, or mixed precision (learn.to_fp16()). ({err})") from err
+        if not getattr(self, 'auto_bs', False):
+            raise BatchTooLargeError(f"{where}. Try bs={bs // 2}: dls = dblock.dataloaders(source, bs={bs // 2}) (or set "
+                                     f"learn.dls.train.bs = learn.dls.valid.bs = {bs // 2}), or pass auto_bs=True to fit, "
+                                     f"fit_one_cycle or fine_tune to halve it automatically. ({err})") from err
+        for dl in self.dls.loaders:
+            if getattr(dl, 'bs', 0) > bs // 2: dl.bs = bs // 2
+        warnings.warn(f"{where}; auto_bs: restarting the epoch with bs={bs // 2}.", stacklevel=2)
+
     def _raise_not_finite(self):
         lrs = ', '.join(f'{v:.3g}' for v in self.get_hyper('lr'))
         raise LossNotFiniteError(
@@ -581,14 +651,14 @@ def patch_to(cls):
 
 @patch_to(Learner)
 def fit_one_cycle(self:Learner, n_epoch:int, lr_max=None, div:float=25., div_final:float=1e5, pct_start:float=0.25,
-                  wd=None, moms=(0.95, 0.85, 0.95), cbs=None):
+                  wd=None, moms=(0.95, 0.85, 0.95), cbs=None, auto_bs:bool=False):
     "1cycle: lr from lr_max/div up to lr_max (at pct_start) down to lr_max/div_final along cosines; momentum mirrored."
     lr_max = self.lr if lr_max is None else lr_max
     self._check_fit_args(n_epoch, lr_max)
     if self.opt is None: self.create_opt()
     scheds = {'lr': [combined_cos(pct_start, lr / div, lr, lr / div_final) for lr in group_lrs(lr_max, self.n_groups)]}
     if moms is not None: scheds['mom'] = combined_cos(pct_start, *moms)
-    self.fit(n_epoch, lr=lr_max, wd=wd, cbs=[ParamScheduler(scheds)] + list(cbs or []))
+    self.fit(n_epoch, lr=lr_max, wd=wd, cbs=[ParamScheduler(scheds)] + list(cbs or []), auto_bs=auto_bs)
 
 # %% ../nbs/04_learner.ipynb #39083772
 @patch_to(Learner)

@@ -346,7 +346,7 @@ def vision_learner(dls, arch, metrics=None, pretrained:bool=True, loss_func=None
                          concat_pool=concat_pool, first_bn=first_bn, bn_final=bn_final)
     model.model_spec['kwargs']['pretrained'] = False  # load_learner rebuilds the architecture; weights come from the export
     learn = Learner(dls, model, loss_func=loss_func, metrics=metrics, splitter=splitter or vision_splitter,
-                    cbs=[History()] + list(cbs or []), **kwargs)
+                    cbs=[History()], **kwargs).add_cbs(cbs or [])
     learn.train_bn, learn.frozen_idx = train_bn, 0
     if pretrained: learn.freeze()
     return learn

@@ -1,5 +1,5 @@
 "Tests for course_lib.learner on small synthetic data (no images): schedules, lrs, errors, callbacks, persistence."
-import math, pickle, re
+import math, os, pickle, re, subprocess, sys
 import pytest
 import torch
 from torch import nn
@@ -399,3 +399,29 @@ def test_fit_accepts_a_single_callback():
     learn = quiet(Learner(synth_dls(), mlp()))
     learn.fit(2, cbs=Spy1())
     assert seen == [0, 1] and not any(isinstance(c, Spy1) for c in learn.cbs)
+
+
+def test_a_single_callback_is_accepted_like_a_list(one_thread):
+    class Count(Callback):
+        def __init__(self): self.n = 0
+        def after_batch(self): self.n += 1
+    learn = quiet(Learner(synth_dls(), mlp(), cbs=Count()))
+    learn.fit(1)
+    assert learn.count.n == len(learn.dls.train) + len(learn.dls.valid)
+    learn.add_cbs(Count)  # a class: instantiated
+    assert isinstance(learn.count, Count) and learn.count.n == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc tuning is Linux-only')
+@pytest.mark.parametrize('env, expected', [('', 'True'), ('default', 'False')])
+def test_fast_cpu_allocator_is_applied_once_unless_switched_off(env, expected):
+    code = ("from course_lib.learner import fast_cpu_allocator, _allocator; import sys; "
+            "print(fast_cpu_allocator(), fast_cpu_allocator(), _allocator)")
+    out = subprocess.run([sys.executable, '-c', code], env={**os.environ, 'COURSE_LIB_MALLOC': env},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[:2] == [expected, expected]
+
+
+def test_get_hyper_before_any_fit_reads_the_initial_lrs():
+    learn = quiet(Learner(synth_dls(), mlp(), lr=3e-3))
+    assert learn.get_hyper('lr') == [3e-3] and learn.get_hyper('mom') == [0.9]

@@ -41,3 +41,16 @@ def test_each_notebook_exports_at_most_one_module():
     for nb_path in sorted((ROOT/'nbs').glob('*.ipynb')):
         srcs = [''.join(c['source']) for c in json.loads(nb_path.read_text())['cells'] if c['cell_type'] == 'code']
         assert sum(bool(re.match(r'#\|\s*default_exp\b', s)) for s in srcs) <= 1, nb_path.name
+
+
+def test_readme_lists_every_notebook():
+    md = (ROOT/'README.md').read_text()
+    missing = [p.stem for p in sorted((ROOT/'nbs').glob('[0-9]*.ipynb')) if f'`{p.stem}`' not in md]
+    assert not missing, f"README's notebook table (nbs/index.ipynb) lacks {missing}"
+
+
+def test_readme_main_job_is_one_line_right_after_install():
+    md = (ROOT/'README.md').read_text()
+    after_install = md[md.index('## Install'):]
+    blocks = re.findall(r'```sh\n(.*?)```', after_install, flags=re.S)
+    assert blocks[1].strip().startswith('course-lib pets') and len(blocks[1].strip().splitlines()) == 1, blocks[:2]
