@@ -4,9 +4,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset, DataLoader as TorchDataLoader
 
-from course_lib.data import DataLoaders
 from course_lib.learner import Learner, Callback, ProgressCallback, accuracy, error_rate
 from course_lib.callbacks import *
 
@@ -14,19 +12,13 @@ from course_lib.callbacks import *
 pytestmark = pytest.mark.usefixtures('one_thread')  # fixture in conftest.py
 
 
-def synth_dls(n=64, bs=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 2, generator=g)
-    y = (x[:, 0] - x[:, 1] > 0).long()
-    train = TorchDataLoader(TensorDataset(x[:48], y[:48]), batch_size=bs, shuffle=True, generator=g)
-    valid = TorchDataLoader(TensorDataset(x[48:], y[48:]), batch_size=bs)
-    return DataLoaders(train, valid, vocab=['a', 'b'])
+from helpers import synth_dls
 
 
 def make_learner(tmp_path, metrics=(accuracy, error_rate)):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
-    learn = Learner(synth_dls(), model, metrics=list(metrics), lr=1e-2, path=tmp_path)
+    learn = Learner(synth_dls(n=64, bs=16), model, metrics=list(metrics), lr=1e-2, path=tmp_path)
     learn.remove_cb(ProgressCallback)
     return learn
 

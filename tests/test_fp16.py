@@ -3,9 +3,7 @@ import time, warnings
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset, DataLoader as TorchDataLoader
 
-from course_lib.data import DataLoaders
 from course_lib.learner import Learner, Callback, ProgressCallback, CancelBatchException, SGD
 import course_lib.fp16 as fp16
 from course_lib.fp16 import MixedPrecision, MixedPrecisionWarning, to_float
@@ -14,13 +12,7 @@ from course_lib.fp16 import MixedPrecision, MixedPrecisionWarning, to_float
 pytestmark = pytest.mark.usefixtures('one_thread')  # fixture in conftest.py
 
 
-def synth_dls(n=256, bs=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 2, generator=g)
-    y = (x[:, 0] - x[:, 1] > 0).long()
-    train = TorchDataLoader(TensorDataset(x[:192], y[:192]), batch_size=bs, shuffle=True, generator=g)  # 6 batches
-    valid = TorchDataLoader(TensorDataset(x[192:], y[192:]), batch_size=bs)
-    return DataLoaders(train, valid, vocab=['a', 'b'], device='cpu')
+from helpers import synth_dls
 
 
 def mlp():

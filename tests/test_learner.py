@@ -3,21 +3,13 @@ import math, os, pickle, re, subprocess, sys
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset, DataLoader as TorchDataLoader
+from torch.utils.data import DataLoader as TorchDataLoader
 
-from course_lib.data import DataLoaders
 from course_lib.learner import *
 from course_lib.learner import _check_plain
 
 
-def synth_dls(n=256, bs=32, seed=0, n_train=None):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 2, generator=g)
-    y = (x[:, 0] - x[:, 1] > 0).long()
-    n_train = n * 3 // 4 if n_train is None else n_train
-    train = TorchDataLoader(TensorDataset(x[:n_train], y[:n_train]), batch_size=bs, shuffle=True, generator=g)
-    valid = TorchDataLoader(TensorDataset(x[n_train:], y[n_train:]), batch_size=bs)
-    return DataLoaders(train, valid, vocab=['a', 'b'])
+from helpers import synth_dls
 
 
 def mlp():
