@@ -14,6 +14,7 @@ from torch import nn
 import matplotlib.pyplot as plt
 
 from .learner import Callback
+from .fp16 import _sync
 from .models import vision_learner, arch_name
 
 # %% ../nbs/10_deeper_architectures.ipynb #8bc02381
@@ -59,9 +60,6 @@ def training_memory(model:nn.Module, xb, opt_states:int=2) -> dict:
     return res
 
 # %% ../nbs/10_deeper_architectures.ipynb #455d7783
-def _sync(device):
-    if device.type == 'cuda': torch.cuda.synchronize(device)
-
 class Throughput(Callback):
     """Times the training phase of every epoch (`epochs`: a list of (images, seconds)); `images_per_s` is the median over
     epochs, so a slow first epoch (warm-up) or a moment of load on the machine does not decide it."""

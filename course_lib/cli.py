@@ -94,8 +94,8 @@ def find_images(data, kind) -> Path:
     if kind == 'sample' and sample.is_dir(): return sample
     try: return untar_data(URLs.PETS)/'images'
     except DownloadError as e:
-        hint = '' if kind == 'sample' else f" (or use the sample: put it at {sample.parent}, or pass --data)"
-        raise SystemExit(f"course-lib: the full Oxford-IIIT Pets dataset is needed{hint}. {e}") from None
+        raise SystemExit(f"course-lib: the full Oxford-IIIT Pets dataset is needed (or use the sample: put it at "
+                         f"{sample.parent}, or pass --data). {e}") from None
 
 def pets_dataloaders(cfg):
     "The chapter's presizing DataBlock on `cfg['images']`."

@@ -571,7 +571,7 @@ class Learner:
         with torch.no_grad(): self._with_events(self._all_batches, 'validate', CancelValidException)
 
     def _all_batches(self):
-        self.n_iter = _len(self.dl)
+        self.n_iter, self.iter = _len(self.dl), 0  # `iter` is read by error messages, even if the first batch fails to load
         for self.iter, batch in enumerate(self.dl):
             self._split(batch)
             self._with_events(self._do_one_batch, 'batch', CancelBatchException)

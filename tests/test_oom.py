@@ -123,3 +123,18 @@ def test_auto_bs_with_mixed_precision_leaves_no_autocast_behind(one_thread):
         learn.fit(1, auto_bs=True)
     assert learn.dls.train.bs == 8
     assert not torch.is_autocast_enabled('cpu')  # the context opened by the batch that ran out of memory was closed
+
+
+def test_oom_while_loading_the_first_batch_still_gets_the_clear_error(one_thread):
+    class LoadsOnGPU(TensorLoader):  # e.g. batch augmentations on the GPU run out of memory inside the loader
+        def __iter__(self):
+            if self.bs > 10: raise torch.OutOfMemoryError("CUDA out of memory (simulated, in the loader)")
+            yield from super().__iter__()
+    learn = learner(nn.Linear(2, 2))
+    learn.dls.train = LoadsOnGPU(learn.dls.train.x, learn.dls.train.y, 32)
+    with pytest.raises(BatchTooLargeError, match='train batch 0 of 2, with batches of bs=32'):
+        learn.fit(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        learn.fit(1, auto_bs=True)
+    assert learn.dls.train.bs == 8
