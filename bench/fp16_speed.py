@@ -29,10 +29,8 @@ def _peak_rss_mb() -> float:
 def _arch_kind(arch:str) -> str:
     import torchvision
     if arch in torchvision.models.list_models(module=torchvision.models): return 'torchvision'
-    try:
-        from course_lib import models
-        if arch.startswith('efficientnet_lite') and hasattr(models, arch): return 'lite'
-    except ImportError: pass
+    from course_lib import models
+    if arch.startswith('efficientnet_lite') and hasattr(models, arch): return 'lite'
     from course_lib.learner import registered_models
     if arch in registered_models(): return 'registered'
     raise SystemExit(f"unknown --arch {arch!r}: use a torchvision classification model name (resnet18, resnet50, ...), "
@@ -56,13 +54,11 @@ class _Batches:
     def __len__(self): return self.n
     def __iter__(self): return ((self.xb, self.yb) for _ in range(self.n))
 
-class _DLs:
-    def __init__(self, train, valid, device): self.train, self.valid, self.device = train, valid, device
-
 def run_one(mode:str, a) -> dict:
     "Train `a.warmup + a.steps` batches in `mode` ('fp32', 'fp16', 'bf16'); time the last `a.steps`."
+    from course_lib.data import DataLoaders
     from course_lib.learner import Learner, Callback, ProgressCallback
-    from course_lib.fp16 import MixedPrecision
+    from course_lib.fp16 import MixedPrecision, _sync
     device = torch.device(a.device)
     if a.threads: torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -70,25 +66,23 @@ def run_one(mode:str, a) -> dict:
     model = build_model(a.arch, a.classes).to(device)
     xb = torch.randn(a.bs, 3, a.size, a.size, device=device)
     yb = torch.randint(0, a.classes, (a.bs,), device=device)
-    dls = _DLs(_Batches(xb, yb, a.warmup + a.steps), _Batches(xb[:1], yb[:1], 1), device)
+    dls = DataLoaders(_Batches(xb, yb, a.warmup + a.steps), _Batches(xb[:1], yb[:1], 1), device=device)
 
+    def clock(): _sync(device); return time.perf_counter()
     class Timer(Callback):
+        "The clock after the last warm-up batch and after the last timed one (no sync in between: the GPU keeps its queue)."
         order = 100
-        def before_fit(self): self.ends = []
         def after_batch(self):
-            if not self.learn.training: return
-            if device.type == 'cuda': torch.cuda.synchronize(device)
-            self.ends.append(time.perf_counter())
+            if self.learn.training and self.learn.iter == a.warmup - 1: self.t_warm = clock()
+        def after_train(self): self.t_end = clock()
     timer = Timer()
     cbs = [timer] + ([MixedPrecision(mode)] if mode != 'fp32' else [])
     learn = Learner(dls, model, lr=1e-3, cbs=cbs)
     learn.remove_cb(ProgressCallback)
     if device.type == 'cuda':
         torch.cuda.synchronize(device); torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
     learn.fit(1)
-    ends = [start] + timer.ends
-    secs = ends[-1] - ends[a.warmup]
+    secs = timer.t_end - timer.t_warm
     res = dict(mode=mode, images_per_s=a.bs * a.steps / secs, step_ms=1e3 * secs / a.steps,
                skipped=getattr(learn.recorder, 'skipped_steps', 0))
     if device.type == 'cuda':

@@ -17,9 +17,9 @@ import numpy as np, torch
 from torch import nn
 from course_lib.data import *
 from course_lib.augment import *
-from course_lib.learner import Learner, accuracy
+from course_lib.learner import Learner, ProgressCallback, accuracy
 from course_lib.losses import CrossEntropyLossFlat
-from course_lib.models import arch_meta, create_body, create_head
+from course_lib.models import AdaptiveConcatPool2d, arch_meta, create_body, create_head
 
 def cache_features(size, mult, min_scale, views, seed, file):
     torch.manual_seed(seed)
@@ -28,7 +28,7 @@ def cache_features(size, mult, min_scale, views, seed, file):
     dls = pets.dataloaders(untar_data(URLs.PETS_SAMPLE)/'images', bs=32, seed=seed)
     dls.normalize(*arch_meta('efficientnet_lite0')['stats'])
     body = create_body('efficientnet_lite0').eval()
-    pool = lambda f: torch.cat([f.amax((2, 3)), f.mean((2, 3))], 1)  # max half, then average half
+    pool = lambda f: AdaptiveConcatPool2d()(f).flatten(1)  # max half, then average half
     out = {'train': []}
     with torch.no_grad():
         for k in range(views):
@@ -54,11 +54,10 @@ class Pooled(nn.Module):
 
 def train_head(feats, lin_ftrs, ps, concat, ls, epochs, lr, seed, wd=0.01, first_bn=True, pct=0.99):
     torch.manual_seed(seed)
-    dls = type('DLs', (), {})()
-    dls.train, dls.valid, dls.device = Views(feats['train']), [feats['valid']], 'cpu'
+    dls = DataLoaders(Views(feats['train']), [feats['valid']], device='cpu')
     model = nn.Sequential(Pooled(concat), create_head(1280, 37, lin_ftrs, ps, concat, first_bn)[2:])
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(label_smoothing=ls), metrics=accuracy, wd=wd)
-    learn.remove_cbs([c for c in learn.cbs if type(c).__name__ == 'ProgressCallback'])
+    learn.remove_cb(ProgressCallback)
     learn.fit_one_cycle(epochs, lr, pct_start=pct)
     return learn.recorder.values[-1][3]
 

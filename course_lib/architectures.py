@@ -6,8 +6,8 @@
 __all__ = ['count_params', 'weight_layers', 'saved_activation_bytes', 'training_memory', 'Throughput', 'measure_arch',
            'compare_archs', 'show_archs', 'plot_archs']
 
-# %% ../nbs/10_deeper_architectures.ipynb #eb7a9909
-import time
+# %% ../nbs/10_deeper_architectures.ipynb #b3cbcb84
+import statistics, time
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from .learner import Callback
 from .fp16 import _sync
 from .models import vision_learner, arch_name
 
-# %% ../nbs/10_deeper_architectures.ipynb #8bc02381
+# %% ../nbs/10_deeper_architectures.ipynb #1d201ff9
 def count_params(model:nn.Module) -> tuple:
     """Total and trainable parameter counts of `model`.
 
@@ -36,7 +36,7 @@ def weight_layers(model:nn.Module, skip:tuple=('downsample',)) -> int:
     return sum(isinstance(m, (nn.Conv2d, nn.Linear)) and not any(s in name for s in skip)
                for name, m in model.named_modules())
 
-# %% ../nbs/10_deeper_architectures.ipynb #a8b03bd5
+# %% ../nbs/10_deeper_architectures.ipynb #828131bc
 def saved_activation_bytes(model:nn.Module, *xb) -> int:
     "Bytes of the tensors (other than parameters) that autograd saves for the backward pass of `model(*xb)`."
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -59,7 +59,7 @@ def training_memory(model:nn.Module, xb, opt_states:int=2) -> dict:
     res['total'] = sum(res.values())
     return res
 
-# %% ../nbs/10_deeper_architectures.ipynb #455d7783
+# %% ../nbs/10_deeper_architectures.ipynb #4126b125
 class Throughput(Callback):
     """Times the training phase of every epoch (`epochs`: a list of (images, seconds)); `images_per_s` is the median over
     epochs, so a slow first epoch (warm-up) or a moment of load on the machine does not decide it."""
@@ -75,12 +75,10 @@ class Throughput(Callback):
         self.epochs.append((self._n, time.perf_counter() - self._t0))
     @property
     def images_per_s(self) -> float:
-        rates = sorted(n / t for n, t in self.epochs if t > 0)
-        if not rates: return float('nan')
-        k = len(rates) // 2
-        return rates[k] if len(rates) % 2 else (rates[k - 1] + rates[k]) / 2
+        rates = [n / t for n, t in self.epochs if t > 0]
+        return statistics.median(rates) if rates else float('nan')
 
-# %% ../nbs/10_deeper_architectures.ipynb #5881d17b
+# %% ../nbs/10_deeper_architectures.ipynb #2091714d
 def _step_memory(learn, xb, frozen:bool) -> int:
     learn.freeze() if frozen else learn.unfreeze()
     learn.model.to(learn.device).train()
@@ -107,18 +105,20 @@ def compare_archs(archs, dls, train, **kwargs) -> list:
         for _ in dl: pass
     return [measure_arch(a, dls, train, **kwargs) for a in archs]
 
-# %% ../nbs/10_deeper_architectures.ipynb #8ab9d340
+# %% ../nbs/10_deeper_architectures.ipynb #3da1188d
+def _width(name): return max(10, len(name) + 2)
+
 def show_archs(rows:list):
     "Print the rows of `compare_archs` as a table."
     extra = [k for k in rows[0] if k not in ('arch', 'params', 'layers', 'bs', 'mem_frozen', 'mem_unfrozen', 'mem_peak_cuda',
                                              'images_per_s', 'epoch_s')]
     cuda = 'mem_peak_cuda' in rows[0]
     print(f"{'arch':<20}{'params':>8}{'layers':>7}{'bs':>4}{'mem frozen':>12}{'unfrozen':>10}" + ('  peak cuda' if cuda else '')
-          + f"{'img/s':>8}{'epoch s':>9}" + ''.join(f'{k:>10}' for k in extra))
+          + f"{'img/s':>8}{'epoch s':>9}" + ''.join(f'{k:>{_width(k)}}' for k in extra))
     for r in rows:
         print(f"{r['arch']:<20}{r['params'] / 1e6:>7.1f}M{r['layers']:>7}{r['bs']:>4}{r['mem_frozen'] / 2**20:>10.0f}MB"
               f"{r['mem_unfrozen'] / 2**20:>8.0f}MB" + (f"{r['mem_peak_cuda'] / 2**20:>9.0f}MB" if cuda else '')
-              + f"{r['images_per_s']:>8.1f}{r['epoch_s']:>9.1f}" + ''.join(f'{r[k]:>10.4f}' for k in extra))
+              + f"{r['images_per_s']:>8.1f}{r['epoch_s']:>9.1f}" + ''.join(f'{r[k]:>{_width(k)}.4f}' for k in extra))
 
 def plot_archs(rows:list, metric:str='accuracy', figsize=(10, 2.8)):
     "Three panels: `metric` against training speed (marker area ~ parameters), training memory, epoch time."

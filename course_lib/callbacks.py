@@ -55,7 +55,7 @@ class TrackerCallback(Callback):
         return names.index(self.monitor)
 
     def before_fit(self):
-        self.run = not any(type(c).__name__ == 'LRFinder' for c in getattr(self.learn, 'cbs', ()))  # lr_find: no validation: nothing to track
+        self.run = getattr(self.learn, 'lr_finder', None) is None  # lr_find runs no validation: nothing to track
         self.new_best = False
         if not self.run: return
         self.idx = self._column()

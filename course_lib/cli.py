@@ -33,17 +33,16 @@ PRESETS = {
 }
 
 # %% ../nbs/14_main_job.ipynb #d4e5970a
-def _nonneg_int(s):
-    try: v = int(s)
-    except ValueError: raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
-    if v < 0: raise argparse.ArgumentTypeError(f"expected 0 or more, got {v}")
-    return v
+def _int_at_least(lo:int, expected:str):
+    "An argparse type: a whole number >= `lo`; `expected` says what is wanted in the error."
+    def parse(s):
+        try: v = int(s)
+        except ValueError: raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
+        if v < lo: raise argparse.ArgumentTypeError(f"expected {expected}, got {v}")
+        return v
+    return parse
 
-def _positive_int(s):
-    try: v = int(s)
-    except ValueError: raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
-    if v < 1: raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {v}")
-    return v
+_nonneg_int, _positive_int = _int_at_least(0, '0 or more'), _int_at_least(1, 'a number of at least 1')
 
 def build_parser() -> argparse.ArgumentParser:
     "The `course-lib` command line: subcommands `pets` and `predict`."
@@ -52,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser('pets', help="train the pet-breed classifier end to end and write a report into --out")
     t.add_argument('--out', required=True, type=Path, help="output folder (created; existing files are overwritten)")
     t.add_argument('--data', type=Path, help="folder of pet photos named like Abyssinian_1.jpg "
-                   "(default: the sample in $COURSE_LIB_DATA, else the full dataset, downloaded)")
+                   "(default: with --preset sample, the sample in $COURSE_LIB_DATA if it is there; "
+                   "otherwise the full dataset, downloaded)")
     t.add_argument('--arch', help="backbone, e.g. efficientnet_lite0/1/2 (offline) or resnet18/34/50 (needs torchvision weights)")
     t.add_argument('--preset', choices=sorted(PRESETS), default='sample', help="recipe (default: sample)")
     t.add_argument('--size', type=_positive_int, help="training image size in pixels")
@@ -74,7 +74,6 @@ def resolve_config(args) -> dict:
     for k in ('arch', 'size', 'epochs', 'freeze_epochs', 'lr', 'bs', 'seed'):
         v = getattr(args, k, None)
         if v is not None: cfg[k] = v
-    cfg.setdefault('seed', 42)
     if cfg['epochs'] + cfg['freeze_epochs'] == 0: raise SystemExit("course-lib: --epochs and --freeze-epochs are both 0: nothing to train.")
     if cfg['lr'] == 0: cfg['lr'] = None
     if cfg['lr'] is not None and not (cfg['lr'] > 0 and math.isfinite(cfg['lr'])):
@@ -192,9 +191,8 @@ def run_pets(args) -> int:
         learn.recorder.plot_loss(); _savefig(out/'loss.png')
         state['step'] = 'interpretation'; write_report(out, state)
         interp = ClassificationInterpretation.from_learner(learn)
-        preds = interp.probs.argmax(1)
-        m['accuracy'] = float((preds == interp.targs).float().mean()); m['error_rate'] = 1 - m['accuracy']
-        state['most_confused'] = [list(map(str, r[:2])) + [int(r[2])] for r in interp.most_confused(min_val=1)]
+        m['accuracy'], m['error_rate'] = (float(f(interp.probs, interp.targs)) for f in (accuracy, error_rate))
+        state['most_confused'] = interp.most_confused()
         interp.plot_confusion_matrix(); _savefig(out/'confusion.png')
         state['step'] = 'export'
         m['model'] = str(learn.export('model.pth'))
@@ -230,11 +228,10 @@ def predict_files(model_dir, images, k=3):
             probs = torch.empty(0)
     results = {str(images[i]): {'file': str(images[i]), 'error': msg} for i, msg in dl.bad.items()}
     good = [f for i, f in enumerate(images) if i not in dl.bad]
-    if good:
-        for f, p in zip(good, probs):
-            top = p.topk(min(k, len(p)))
-            results[str(f)] = {'file': str(f), 'label': learn.dls.vocab[int(top.indices[0])], 'prob': float(top.values[0]),
-                               'top': [(learn.dls.vocab[int(i)], float(v)) for v, i in zip(top.values, top.indices)]}
+    for f, p in zip(good, probs):
+        top = p.topk(min(k, len(p)))
+        results[str(f)] = {'file': str(f), 'label': learn.dls.vocab[int(top.indices[0])], 'prob': float(top.values[0]),
+                           'top': [(learn.dls.vocab[int(i)], float(v)) for v, i in zip(top.values, top.indices)]}
     return [results[str(f)] for f in images]
 
 def run_predict(args) -> int:

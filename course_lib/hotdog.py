@@ -6,8 +6,6 @@
 __all__ = ['output_layer', 'new_output_layer', 'body_head_splitter', 'head_from_class_rows']
 
 # %% ../nbs/12_fine_tuning_hotdog.ipynb #b05097d5
-import math
-
 import torch
 from torch import nn
 
@@ -19,7 +17,7 @@ def _classifier_attr(model:nn.Module) -> str:
                     "replace its output layer by hand")
 
 def output_layer(model:nn.Module) -> nn.Linear:
-    "The model's last `nn.Linear` (its `classifier`, `fc` or `head` attribute)."
+    "The model's output layer: its `nn.Linear` attribute called `classifier`, `fc` or `head`."
     return getattr(model, _classifier_attr(model))
 
 def new_output_layer(model:nn.Module, n_out:int, init:str='xavier') -> nn.Module:

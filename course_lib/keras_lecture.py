@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .data import DataLoaders
-from .learner import Callback
+from .callbacks import TrackerCallback
 
 # %% ../nbs/13_keras_transfer_lecture.ipynb #6c0636da
 def top_k(probs, categories, k:int=3) -> list:
@@ -132,28 +132,25 @@ def sched_piecewise(bounds, lrs):
     return _sched
 
 # %% ../nbs/13_keras_transfer_lecture.ipynb #fedcca7f
-class ReduceLROnPlateau(Callback):
-    "Multiply the learning rates by `factor` (not below `min_lr`) when `monitor` has not improved for `patience` epochs."
+class ReduceLROnPlateau(TrackerCallback):
+    """Multiply the learning rates by `factor` (not below `min_lr`) when `monitor` has not improved (by more than
+    `min_delta`) for `patience` epochs. The tracking is `TrackerCallback`'s, from notebook 08."""
     order = 55
-    def __init__(self, monitor:str='valid_loss', factor:float=0.5, patience:int=2, min_lr:float=0.):
+    def __init__(self, monitor:str='valid_loss', factor:float=0.5, patience:int=2, min_lr:float=0., min_delta:float=0.):
         if not 0 < factor < 1: raise ValueError(f"ReduceLROnPlateau: factor must be between 0 and 1, got {factor!r}")
         if isinstance(patience, bool) or not isinstance(patience, numbers.Integral) or patience < 1:
             raise ValueError(f"ReduceLROnPlateau: patience must be an integer >= 1 (epochs), got {patience!r}")
-        self.monitor, self.factor, self.patience, self.min_lr = monitor, factor, int(patience), min_lr
+        super().__init__(monitor, min_delta=min_delta)
+        self.factor, self.patience, self.min_lr = factor, int(patience), min_lr
     def before_fit(self):
-        names = self.learn.recorder.metric_names
-        if self.monitor not in names:
-            raise ValueError(f"ReduceLROnPlateau cannot monitor {self.monitor!r}: the recorder has {names[1:-1]}")
-        self.idx = names.index(self.monitor)
-        self.lower = 'loss' in self.monitor or 'error' in self.monitor
-        self.best, self.wait, self.reductions = math.inf if self.lower else -math.inf, 0, []
+        self.wait, self.reductions = 0, []
+        super().before_fit()
     def after_epoch(self):
-        v = self.learn.recorder.values[-1][self.idx]
-        if v is None: return
-        if (v < self.best) if self.lower else (v > self.best): self.best, self.wait = v, 0
-        else:
-            self.wait += 1
-            if self.wait >= self.patience:
-                self.learn.set_hyper('lr', [max(lr * self.factor, self.min_lr) for lr in self.learn.get_hyper('lr')])
-                self.reductions.append(self.learn.epoch)
-                self.wait = 0
+        if not self.run: return
+        super().after_epoch()
+        if self.new_best: self.wait = 0; return
+        self.wait += 1
+        if self.wait >= self.patience:
+            self.learn.set_hyper('lr', [max(lr * self.factor, self.min_lr) for lr in self.learn.get_hyper('lr')])
+            self.reductions.append(self.learn.epoch)
+            self.wait = 0

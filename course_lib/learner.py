@@ -123,11 +123,13 @@ def SGD(param_groups:list, lr:float, mom:float=0.9) -> torch.optim.Optimizer:
     return torch.optim.SGD(param_groups, lr=lr, momentum=mom)
 
 # %% ../nbs/04_learner.ipynb #3bfc38a1
+def _check_positive(v, what:str, hint:str=''):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{what} must be a positive finite number, got {v!r}{hint}")
+    return float(v)
+
 def _check_lr(lr, what='lr'):
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"{what} must be a positive finite number, got {lr!r}; typical values are 1e-4 to 1e-2 "
-                         "(use learn.lr_find() to pick one)")
-    return float(lr)
+    return _check_positive(lr, what, "; typical values are 1e-4 to 1e-2 (use learn.lr_find() to pick one)")
 
 def group_lrs(lr, n:int) -> list:
     """Learning rate of each of `n` groups from a number, `slice(lo, hi)` (log-spaced) or `slice(hi)` (hi/10, ..., hi).

@@ -15,7 +15,7 @@ import torch
 import matplotlib.pyplot as plt
 
 from .learner import (Learner, Callback, CancelFitException, CancelValidException, ProgressCallback,
-                                patch_to, progress_bar, _len)
+                                patch_to, progress_bar, _len, _check_positive)
 
 # %% ../nbs/05_lr_finder.ipynb #9986baf0
 def exp_lr(start_lr:float, end_lr:float, i:int, num_it:int) -> float:
@@ -151,7 +151,7 @@ class LRFindResult(namedtuple('LRFindResult', ['lrs', 'losses', 'raw_losses', 's
 def plot_lr_find(lrs, losses, suggestions=None, skip_end:int=5, ax=None, figsize=(5, 3)):
     "Plot `losses` against `lrs` on a log x-axis; mark each field of the named tuple (or dict) `suggestions`."
     if ax is None: _, ax = plt.subplots(figsize=figsize)
-    n = max(len(lrs) - skip_end, 2) if len(lrs) > skip_end + 2 else len(lrs)
+    n = len(lrs) - skip_end if len(lrs) > skip_end + 2 else len(lrs)
     x, y = _np(lrs[:n]), _np(losses[:n])
     ax.plot(x, y)
     ax.set_xscale('log'); ax.set_xlabel('learning rate'); ax.set_ylabel('loss (smoothed)')
@@ -202,10 +202,6 @@ def _restore(learn, snap:dict):
     if cuda is not None: torch.cuda.set_rng_state_all(cuda)
     _set_dl_rngs(learn.dls, snap['dl_rngs'])
     for k, v in snap['attrs'].items(): setattr(learn, k, v)
-
-def _check_positive(v, name):
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {v!r}")
 
 @patch_to(Learner)
 def lr_find(self:Learner, start_lr:float=1e-7, end_lr:float=10, num_it:int=100, stop_div:bool=True,

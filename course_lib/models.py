@@ -11,7 +11,7 @@ __all__ = ['model_meta', 'cnn_learner', 'PretrainedWeightsError', 'hub_checkpoin
            'vision_learner']
 
 # %% ../nbs/06_transfer_learning.ipynb #6ebf4e5c
-import importlib, math, socket, time
+import importlib, socket
 from pathlib import Path
 
 import torch, torchvision, timm
@@ -19,7 +19,7 @@ from torch import nn
 import matplotlib.pyplot as plt
 
 from .augment import imagenet_stats
-from .learner import Learner, Callback, register_model, create_model, patch_to, no_decay_ids
+from .learner import Learner, Callback, register_model, create_model, patch_to
 
 # %% ../nbs/06_transfer_learning.ipynb #b86c1a2a
 class PretrainedWeightsError(RuntimeError):
@@ -294,7 +294,7 @@ class History(Callback):
     def __init__(self): self.rows, self.lrs, self.fit_starts, self._on = [], [], [], False
     def before_fit(self):
         learn = self.learn
-        self._on = not any(cb.name == 'lr_finder' or type(cb).__name__.startswith('LRFinder') for cb in learn.cbs)
+        self._on = getattr(learn, 'lr_finder', None) is None  # lr_find's trial fit is not part of the history
         if not self._on: return
         self._fit, self._frozen = len(self.fit_starts), getattr(learn, 'frozen_idx', 0)
         self.fit_starts.append(len(self.lrs))
