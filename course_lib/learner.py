@@ -392,10 +392,17 @@ def _len(dl):
     except TypeError: return 0
 
 # %% ../nbs/04_learner.ipynb #86716a1e
-def _mallopt(mmap_threshold:int, trim_threshold:int) -> bool:
-    "Set glibc's M_MMAP_THRESHOLD and M_TRIM_THRESHOLD; False if this is not glibc."
+def _glibc_malloc():
+    "glibc, if its `malloc` is the one this process calls: not another C library, nor an allocator preloaded over it."
     try: libc = ctypes.CDLL('libc.so.6')
-    except OSError: return False
+    except OSError: return None
+    called = ctypes.cast(ctypes.CDLL(None).malloc, ctypes.c_void_p).value   # the malloc that symbol lookup finds
+    return libc if called == ctypes.cast(libc.malloc, ctypes.c_void_p).value else None
+
+def _mallopt(mmap_threshold:int, trim_threshold:int) -> bool:
+    "Set glibc's M_MMAP_THRESHOLD and M_TRIM_THRESHOLD; False where `malloc` is not glibc's."
+    libc = _glibc_malloc()
+    if libc is None: return False
     return bool(libc.mallopt(-3, mmap_threshold)) and bool(libc.mallopt(-1, trim_threshold))
 
 _allocator = {}

@@ -1,5 +1,5 @@
 "Tests for course_lib.learner on small synthetic data (no images): schedules, lrs, errors, callbacks, persistence."
-import math, os, pickle, re, subprocess, sys
+import math, os, pickle, re, shutil, subprocess, sys
 import pytest
 import torch
 from torch import nn
@@ -409,9 +409,24 @@ def test_a_single_callback_is_accepted_like_a_list(one_thread):
 def test_fast_cpu_allocator_is_applied_once_unless_switched_off(env, expected):
     code = ("from course_lib.learner import fast_cpu_allocator, _allocator; import sys; "
             "print(fast_cpu_allocator(), fast_cpu_allocator(), _allocator)")
-    out = subprocess.run([sys.executable, '-c', code], env={**os.environ, 'COURSE_LIB_MALLOC': env},
+    out = subprocess.run([sys.executable, '-c', code], env={**os.environ, 'COURSE_LIB_MALLOC': env, 'LD_PRELOAD': ''},
                          capture_output=True, text=True, check=True).stdout.split()
     assert out[:2] == [expected, expected]
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux') or shutil.which('gcc') is None, reason='needs Linux and gcc')
+def test_fast_cpu_allocator_declines_when_another_malloc_is_preloaded(tmp_path):
+    "mallopt would tune glibc's heap, which a preloaded allocator (jemalloc, tcmalloc) does not use: say False."
+    src = tmp_path/'wrap.c'
+    src.write_text('#include <stddef.h>\nextern void *__libc_malloc(size_t);\n'
+                   'void *malloc(size_t n) { return __libc_malloc(n); }\n')
+    subprocess.run(['gcc', '-shared', '-fPIC', '-o', str(tmp_path/'wrap.so'), str(src)], check=True)
+    code = "from course_lib.learner import fast_cpu_allocator; print(fast_cpu_allocator())"
+    def applied(preload):
+        env = {**os.environ, 'LD_PRELOAD': preload, 'COURSE_LIB_MALLOC': ''}
+        return subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert applied('') == ['True']
+    assert applied(str(tmp_path/'wrap.so')) == ['False']
 
 
 def test_get_hyper_before_any_fit_reads_the_initial_lrs():
