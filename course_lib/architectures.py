@@ -13,7 +13,7 @@ import torch
 from torch import nn
 import matplotlib.pyplot as plt
 
-from .learner import Callback
+from .learner import Callback, _name
 from .fp16 import _sync
 from .models import vision_learner, arch_name
 
@@ -61,16 +61,20 @@ def training_memory(model:nn.Module, xb, opt_states:int=2) -> dict:
 
 # %% ../nbs/10_deeper_architectures.ipynb #4126b125
 class Throughput(Callback):
-    """Times the training phase of every epoch (`epochs`: a list of (images, seconds)); `images_per_s` is the median over
-    epochs, so a slow first epoch (warm-up) or a moment of load on the machine does not decide it."""
+    """Times the training phase of every epoch of every fit but `lr_find`'s (`epochs`: a list of (images, seconds));
+    `images_per_s` is the median over epochs, so a slow first epoch (warm-up) or a moment of load on the machine does
+    not decide it."""
     order = 5
     def __init__(self): self.epochs = []
+    def before_fit(self): self.timing = getattr(self.learn, 'lr_finder', None) is None  # lr_find's steps are trials
     def before_train(self):
+        if not self.timing: return
         _sync(self.learn.device)
         self._n, self._t0 = 0, time.perf_counter()
     def after_batch(self):
-        if self.learn.training and self.learn.loss_val is not None: self._n += len(self.learn.yb[0])
+        if self.timing and self.learn.training and self.learn.loss_val is not None: self._n += len(self.learn.yb[0])
     def after_train(self):
+        if not self.timing: return
         _sync(self.learn.device)
         self.epochs.append((self._n, time.perf_counter() - self._t0))
     @property
@@ -88,6 +92,10 @@ def measure_arch(arch, dls, train, metric:str='accuracy', **learner_kwargs) -> d
     """Build `vision_learner(dls, arch, **learner_kwargs)`, call `train(learn)`, and return its size, speed, the last
     value of `metric`, and (after training) the memory of one training step frozen and unfrozen."""
     learn = vision_learner(dls, arch, cbs=[Throughput()], **learner_kwargs)
+    names = ['train_loss', 'valid_loss'] + [_name(m) for m in learn.metrics]
+    if metric not in names:   # checked before training, not after it
+        raise ValueError(f"measure_arch: metric={metric!r} is not recorded by this learner; it records {names}. Pass "
+                         f"metrics=... (e.g. metrics=accuracy) or another metric=")
     res = dict(arch=arch_name(arch), params=count_params(learn.model)[0], layers=weight_layers(learn.model))
     if learn.device.type == 'cuda': torch.cuda.reset_peak_memory_stats(learn.device)
     train(learn)

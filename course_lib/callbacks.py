@@ -63,7 +63,7 @@ class TrackerCallback(Callback):
             self.best, self.best_epoch = (math.inf if self.lower else -math.inf), None
 
     def after_epoch(self):
-        self.new_best = False
+        self.new_best, self.value = False, None   # `value` stays None for an epoch without one
         if not self.run: return
         val = self.learn.recorder.values[-1][self.idx]
         if val is None:
@@ -125,6 +125,7 @@ class EarlyStoppingCallback(TrackerCallback):
     def after_epoch(self):
         if not self.run: return
         super().after_epoch()
+        if self.value is None: return  # nothing measured: the epoch neither resets nor adds to the wait
         if self.new_best: self.wait = 0; return
         self.wait += 1
         if self.wait >= self.patience:

@@ -93,8 +93,9 @@ def find_images(data, kind) -> Path:
     if kind == 'sample' and sample.is_dir(): return sample
     try: return untar_data(URLs.PETS)/'images'
     except DownloadError as e:
-        raise SystemExit(f"course-lib: the full Oxford-IIIT Pets dataset is needed (or use the sample: put it at "
-                         f"{sample.parent}, or pass --data). {e}") from None
+        other = f"put it at {sample.parent}" if kind == 'sample' else "run with --preset sample"
+        raise SystemExit(f"course-lib: the full Oxford-IIIT Pets dataset is needed (or use the sample: {other}; or "
+                         f"pass --data). {e}") from None
 
 def pets_dataloaders(cfg):
     "The chapter's presizing DataBlock on `cfg['images']`."

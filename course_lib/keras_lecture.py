@@ -148,6 +148,7 @@ class ReduceLROnPlateau(TrackerCallback):
     def after_epoch(self):
         if not self.run: return
         super().after_epoch()
+        if self.value is None: return  # nothing measured: the epoch neither resets nor adds to the wait
         if self.new_best: self.wait = 0; return
         self.wait += 1
         if self.wait >= self.patience:

@@ -12,7 +12,7 @@ __all__ = ['EVENTS', 'CancelFitException', 'CancelEpochException', 'CancelTrainE
 
 # %% ../nbs/04_learner.ipynb #5ef71051
 import ctypes, math, os, sys, time, copy, numbers, pickle, re, warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -38,7 +38,7 @@ class CancelBatchException(Exception):
 class LossNotFiniteError(FloatingPointError):
     "The training loss became NaN or infinite; the message says when and at which learning rate."
 
-class BatchTooLargeError(torch.OutOfMemoryError):
+class BatchTooLargeError(torch.OutOfMemoryError):  # torch.OutOfMemoryError: torch >= 2.5
     "A batch did not fit in memory; the message gives the batch size in use and a smaller one to try."
 
 def is_out_of_memory(e:BaseException) -> bool:
@@ -376,11 +376,16 @@ class ProgressCallback(Callback):
         total = learn.n_epoch * (_len(learn.dls.train) + _len(getattr(learn.dls, 'valid', None)))
         self.bar = progress_bar(total, desc=f'epoch 1/{learn.n_epoch}')
         self.table = _EpochTable(learn.recorder.metric_names) if self.show_table else None
-    def before_epoch(self):
-        learn = self.learn  # the total grows if auto_bs made the batches smaller
+    def _grow_total(self, left_in_epoch):
+        "The total grows if auto_bs made the batches smaller: `left_in_epoch` batches now, then the later epochs."
+        learn = self.learn
         per_epoch = _len(learn.dls.train) + _len(getattr(learn.dls, 'valid', None))
-        self.bar.total = max(self.bar.total, self.bar.n + (learn.n_epoch - learn.epoch) * per_epoch)
+        self.bar.total = max(self.bar.total, self.bar.n + left_in_epoch + (learn.n_epoch - learn.epoch - 1) * per_epoch)
+    def before_epoch(self):
+        learn = self.learn
+        self._grow_total(_len(learn.dls.train) + _len(getattr(learn.dls, 'valid', None)))
         self.bar.set_description(f'epoch {learn.epoch + 1}/{learn.n_epoch}', refresh=False)
+    def before_validate(self): self._grow_total(_len(self.learn.dl))
     def after_batch(self): self.bar.update(1)
     def after_epoch(self):
         if self.table is not None: self.table.add(self.learn.recorder.values[-1])
@@ -533,7 +538,8 @@ class Learner:
 
     def fit(self, n_epoch:int, lr=None, wd=None, cbs=None, auto_bs:bool=False):
         """Train for `n_epoch` epochs at learning rate(s) `lr` (default `self.lr`), weight decay `wd` (default `self.wd`).
-        If a batch runs out of memory: `auto_bs=True` halves the batch size and restarts that epoch, else `BatchTooLargeError`."""
+        If a batch runs out of memory: `auto_bs=True` halves that loader's batch size and runs its pass again (training:
+        the epoch restarts), else `BatchTooLargeError`."""
         lr = self.lr if lr is None else lr
         self._check_fit_args(n_epoch, lr)
         self.auto_bs = auto_bs
@@ -564,20 +570,23 @@ class Learner:
             self._with_events(self._do_epoch, 'epoch', CancelEpochException)
 
     def _do_epoch(self):
+        self._do_phase(training=True)
+        self._do_phase(training=False)
+
+    def _do_phase(self, training):
+        "The training or the validation pass; after an out-of-memory error under `auto_bs`, that pass again, smaller."
+        event, cancel = ('train', CancelTrainException) if training else ('validate', CancelValidException)
         while True:
-            try: return self._train_then_validate()
+            self.dl, self.training = self.dls.train if training else getattr(self.dls, 'valid', None), training
+            self.model.train(training)
+            try:
+                with nullcontext() if training else torch.no_grad():
+                    return self._with_events(self._all_batches, event, cancel)
             except Exception as e:
                 if not is_out_of_memory(e): raise
-                self._shrink_batch(e)
-                self('before_epoch')  # the epoch starts over with the smaller batches
-
-    def _train_then_validate(self):
-        self.dl, self.training = self.dls.train, True
-        self.model.train()
-        self._with_events(self._all_batches, 'train', CancelTrainException)
-        self.dl, self.training = getattr(self.dls, 'valid', None), False
-        self.model.eval()
-        with torch.no_grad(): self._with_events(self._all_batches, 'validate', CancelValidException)
+                self.pred = self.loss = self.xb = self.yb = None    # release the failed batch
+                bs, note = self._smaller_batch(e)   # raises BatchTooLargeError unless auto_bs can halve the batch
+            self._retry_with(bs, note)              # out of `except`: the error's traceback no longer holds the batch
 
     def _all_batches(self):
         self.n_iter, self.iter = _len(self.dl), 0  # `iter` is read by error messages, even if the first batch fails to load
@@ -607,27 +616,35 @@ class Learner:
         self('after_step')
         self.opt.zero_grad(set_to_none=True)
 
-    def _shrink_batch(self, err):
-        "After an out-of-memory error: free the batch, then halve the batch size (`auto_bs`) or raise `BatchTooLargeError`."
-        self.pred = self.loss = self.xb = self.yb = None
-        if self.opt is not None: self.opt.zero_grad(set_to_none=True)
-        if self.device.type == 'cuda': torch.cuda.empty_cache()
+    def _smaller_batch(self, err):
+        "After an out-of-memory error: half the batch size and a note for the warning (`auto_bs`), else `BatchTooLargeError`."
         phase = 'train' if self.training else 'valid'
         bs = getattr(self.dl, 'bs', None)
         where = (f"{self.device.type} ran out of memory at epoch {self.epoch} (0-based), {phase} batch {self.iter} of "
-                 f"{self.n_iter}, with batches of bs={bs} (dls.{phase}.bs)")
+                 f"{self.n_iter}" + ('' if bs is None else f", with batches of bs={bs} (dls.{phase}.bs)"))
         if bs is None:
             raise BatchTooLargeError(f"{where}. Build the DataLoaders with a smaller batch size. ({err})") from err
         if bs < 2:
             raise BatchTooLargeError(f"{where}: even one item does not fit. Use smaller images (a smaller `size` in "
                                      f"aug_transforms), a smaller architecture, or mixed precision (learn.to_fp16()). ({err})") from err
         if not getattr(self, 'auto_bs', False):
+            how = (", or pass auto_bs=True to fit, fit_one_cycle or fine_tune to halve it automatically"
+                   if getattr(self, 'lr_finder', None) is None else "; lr_find cannot halve it by itself")
             raise BatchTooLargeError(f"{where}. Try bs={bs // 2}: dls = dblock.dataloaders(source, bs={bs // 2}) (or set "
-                                     f"learn.dls.train.bs = learn.dls.valid.bs = {bs // 2}), or pass auto_bs=True to fit, "
-                                     f"fit_one_cycle or fine_tune to halve it automatically. ({err})") from err
-        for dl in self.dls.loaders:
-            if getattr(dl, 'bs', 0) > bs // 2: dl.bs = bs // 2
-        warnings.warn(f"{where}; auto_bs: restarting the epoch with bs={bs // 2}.", stacklevel=2)
+                                     f"learn.dls.train.bs = learn.dls.valid.bs = {bs // 2}){how}. ({err})") from err
+        again = 'restarting the epoch' if self.training else 'validating again'
+        return bs // 2, f"{where}; auto_bs: {again} with bs={bs // 2}."
+
+    def _retry_with(self, bs, note):
+        """Free the gradients and the GPU cache, give batches of at most `bs`, warn, and go again. A training pass that ran
+        out of memory shrinks both loaders (validation at the old size would probably not fit either); a validation
+        pass only its own, so training is not repeated."""
+        if self.opt is not None: self.opt.zero_grad(set_to_none=True)
+        if self.device.type == 'cuda': torch.cuda.empty_cache()
+        for dl in (self.dls.loaders if self.training else [self.dl]):
+            if getattr(dl, 'bs', 0) > bs: dl.bs = bs
+        warnings.warn(note, stacklevel=2)
+        if self.training: self('before_epoch')  # the epoch starts over with the smaller batches
 
     def _raise_not_finite(self):
         lrs = ', '.join(f'{v:.3g}' for v in self.get_hyper('lr'))

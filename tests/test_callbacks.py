@@ -207,3 +207,21 @@ def test_lr_find_with_trackers_attached(tmp_path):
     assert not (tmp_path/'models').exists()
     learn.fit(2)  # and they still work afterwards
     assert (tmp_path/'models'/'model.pth').exists()
+
+
+def test_epochs_without_a_value_neither_reset_nor_add_to_the_wait(tmp_path):
+    "A skipped validation (valid_loss None) is not 'no improvement': patience counts only epochs that were measured."
+    from course_lib.keras_lecture import ReduceLROnPlateau
+    learn = make_learner(tmp_path)
+    plateau = ReduceLROnPlateau(patience=1)
+    with pytest.warns(UserWarning, match='has no value at epoch'):
+        learn.fit(5, cbs=[Script(valid_loss=[1.0, None, None, None, 0.9]), EarlyStoppingCallback(patience=1), plateau])
+    assert len(learn.recorder.values) == 5 and plateau.reductions == []
+    learn = make_learner(tmp_path)
+    with pytest.warns(UserWarning, match='has no value at epoch'):
+        learn.fit(5, cbs=[Script(valid_loss=[1.0, None, 1.0, None, 0.9]), EarlyStoppingCallback(patience=2)])
+    assert len(learn.recorder.values) == 5          # the one unimproved epoch (2) is below patience 2
+    learn = make_learner(tmp_path)
+    with pytest.warns(UserWarning, match='has no value at epoch'):
+        learn.fit(6, cbs=[Script(valid_loss=[1.0, None, 1.0, None, 1.0, 0.5]), EarlyStoppingCallback(patience=2)])
+    assert len(learn.recorder.values) == 5          # two unimproved epochs (2 and 4): stopped after epoch 4

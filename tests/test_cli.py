@@ -126,3 +126,16 @@ def test_full_dataset_that_cannot_be_downloaded_is_a_clear_exit(tmp_path, monkey
     monkeypatch.setattr(cli, 'untar_data', offline)
     with pytest.raises(SystemExit, match=r'full Oxford-IIIT Pets dataset is needed \(or use the sample.*no network'):
         cli.find_images(None, 'full')
+
+
+def test_download_failure_names_the_way_to_the_sample_that_fits_the_preset(tmp_path, monkeypatch):
+    import course_lib.cli as cli
+    from course_lib.data import DownloadError
+    def offline(url, *a, **kw): raise DownloadError(f"Could not download {url}: no network (simulated).")
+    monkeypatch.setattr(cli, 'untar_data', offline)
+    monkeypatch.setattr(cli, 'data_home', lambda: tmp_path)   # no sample there
+    with pytest.raises(SystemExit, match='or use the sample: run with --preset sample;') as ei:
+        cli.find_images(None, 'full')
+    assert str(tmp_path) not in str(ei.value)
+    with pytest.raises(SystemExit, match=f"or use the sample: put it at {tmp_path/'oxford-iiit-pet-sample'};"):
+        cli.find_images(None, 'sample')

@@ -138,3 +138,28 @@ def test_oom_while_loading_the_first_batch_still_gets_the_clear_error(one_thread
         warnings.simplefilter('ignore')
         learn.fit(1, auto_bs=True)
     assert learn.dls.train.bs == 8
+
+
+def test_oom_in_validation_reruns_only_the_validation(one_thread):
+    model = FitsAtMost(10, in_eval_only=True)
+    learn = learner(model)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter('always')
+        learn.fit(1, auto_bs=True)
+    assert [n for training, n in model.sizes if training] == [32, 32]    # the two training batches ran once each
+    assert learn.dls.train.bs == 32 and learn.dls.valid.bs == 8           # training fitted: its bs is untouched
+    assert any(str(w.message).endswith('validating again with bs=16.') for w in rec)
+
+
+def test_oom_messages_fit_their_context(one_thread):
+    pytest.importorskip('course_lib.lr_finder')
+    learn = learner(FitsAtMost(10))
+    with pytest.raises(BatchTooLargeError, match='lr_find cannot halve it by itself') as ei:
+        learn.lr_find(show_plot=False)
+    assert 'auto_bs=True' not in str(ei.value)    # lr_find has no auto_bs
+    from torch.utils.data import TensorDataset, DataLoader as TorchDataLoader
+    x, y = torch.randn(64, 2), torch.randint(0, 2, (64,))
+    d = DataLoaders(TorchDataLoader(TensorDataset(x, y), batch_size=32), TorchDataLoader(TensorDataset(x, y), batch_size=32))
+    with pytest.raises(BatchTooLargeError) as ei:
+        Learner(d, FitsAtMost(10), lr=0.1).fit(1)
+    assert 'bs=None' not in str(ei.value) and 'train batch 0 of 2' in str(ei.value)
