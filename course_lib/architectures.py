@@ -38,7 +38,10 @@ def weight_layers(model:nn.Module, skip:tuple=('downsample',)) -> int:
 
 # %% ../nbs/10_deeper_architectures.ipynb #828131bc
 def saved_activation_bytes(model:nn.Module, *xb) -> int:
-    "Bytes of the tensors (other than parameters) that autograd saves for the backward pass of `model(*xb)`."
+    """Bytes of the tensors (other than parameters) that autograd saves for the backward pass of `model(*xb)`; `xb` is
+    moved to the model's device first (a batch from GPU loaders, a model still on the CPU, or the other way round)."""
+    device = next((p.device for p in model.parameters()), None)
+    if device is not None: xb = [x.to(device) for x in xb]
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
     def pack(t):
@@ -86,7 +89,9 @@ class Throughput(Callback):
 def _step_memory(learn, xb, frozen:bool) -> int:
     learn.freeze() if frozen else learn.unfreeze()
     learn.model.to(learn.device).train()
-    return training_memory(learn.model, xb)['total']
+    dtype = getattr(getattr(learn, 'mixed_precision', None), 'dtype', torch.float32)   # to_fp16/to_bf16: 16-bit activations
+    with torch.autocast(learn.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        return training_memory(learn.model, xb)['total']
 
 def measure_arch(arch, dls, train, metric:str='accuracy', **learner_kwargs) -> dict:
     """Build `vision_learner(dls, arch, **learner_kwargs)`, call `train(learn)`, and return its size, speed, the last

@@ -334,7 +334,12 @@ class ImageCache:
 
 # %% ../nbs/01_data.ipynb #5e5f69a9
 def default_device() -> torch.device:
-    "The GPU if there is one (CUDA, then Apple's MPS), else the CPU."
+    "`$COURSE_LIB_DEVICE` if set (e.g. `cpu` on a GPU machine), else the GPU if there is one (CUDA, then MPS), else the CPU."
+    name = os.environ.get('COURSE_LIB_DEVICE')
+    if name:
+        try: return torch.device(name)
+        except RuntimeError: raise ValueError(f"COURSE_LIB_DEVICE={name!r} is not a torch device: use e.g. cpu, cuda, "
+                                              "cuda:1 or mps, or unset it") from None
     if torch.cuda.is_available(): return torch.device('cuda')
     if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available(): return torch.device('mps')
     return torch.device('cpu')

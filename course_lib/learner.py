@@ -435,6 +435,7 @@ class Learner:
         self.path, self.model_dir = Path('.' if path is None else path), model_dir
         self.opt, self.cbs, self.training, self.loss_val, self.n_epoch = None, [], False, None, 1
         self.add_cbs([Recorder(), ProgressCallback()]).add_cbs(cbs or [])
+        if getattr(dls, 'device', None) is not None: self.model.to(self.device)  # where the batches will be
 
     # --- callbacks ---
     def add_cb(self, cb):
@@ -719,7 +720,7 @@ def get_preds(self:Learner, dl=None, with_loss:bool=False):
     "(probabilities, targets[, per-item losses]) of the model on `dl` (default: the validation set)."
     dl = self.dls.valid if dl is None else dl
     preds, targs, losses, was_training = [], [], [], self.model.training
-    self.model.eval()
+    self.model.to(self.device).eval()
     try:
         with torch.no_grad():
             for batch in dl:
@@ -750,7 +751,7 @@ def predict(self:Learner, item):
     "(label, index, probabilities) for one item (for images: a path or PIL image), via `dls.test_dl([item])`."
     batch = next(iter(self.dls.test_dl([item])))
     was_training = self.model.training
-    self.model.eval()
+    self.model.to(self.device).eval()
     try:
         with torch.no_grad():
             self._split(batch)

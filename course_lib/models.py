@@ -30,11 +30,16 @@ def hub_checkpoint(url:str) -> Path:
     return Path(torch.hub.get_dir())/'checkpoints'/url.split('/')[-1]
 
 def load_torchvision_weights(weights, timeout:float=10.) -> dict:
-    "State dict of the torchvision `weights` enum: from the hub cache, else downloaded (giving up after `timeout` s)."
+    """State dict of the torchvision `weights` enum: from the hub cache, else downloaded with a progress bar and its
+    checksum checked (giving up after `timeout` s without an answer)."""
     file = hub_checkpoint(weights.url)
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout)
-    try: return torch.hub.load_state_dict_from_url(weights.url, map_location='cpu', progress=False, check_hash=True)
+    try:
+        if not file.exists():   # torch writes to a temporary name and renames it: a broken download leaves no file
+            file.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(weights.url, str(file), torch.hub.HASH_REGEX.search(file.name).group(1))
+        return torch.load(file, map_location='cpu', weights_only=True)
     except OSError as e:  # no network, DNS failure, timeout, refused connection
         raise PretrainedWeightsError(
             f"cannot get the ImageNet weights {weights} ({e.__class__.__name__}: {e}). They are not in the torch hub "

@@ -14,3 +14,13 @@ def synth_dls(n=256, bs=32, seed=0, n_train=None):
     train = TorchDataLoader(TensorDataset(x[:n_train], y[:n_train]), batch_size=bs, shuffle=True, generator=g)
     valid = TorchDataLoader(TensorDataset(x[n_train:], y[n_train:]), batch_size=bs)
     return DataLoaders(train, valid, vocab=['a', 'b'], device='cpu')
+
+
+def notebook_cell(notebook, contains):
+    "The source of the one code cell of `nbs/<notebook>.ipynb` that contains `contains`, to run it in a test."
+    import json
+    from pathlib import Path
+    cells = json.loads((Path(__file__).parent.parent/'nbs'/f'{notebook}.ipynb').read_text())['cells']
+    found = [''.join(c['source']) for c in cells if c['cell_type'] == 'code' and contains in ''.join(c['source'])]
+    assert len(found) == 1, f"{len(found)} code cells of {notebook} contain {contains!r}"
+    return found[0]

@@ -153,7 +153,7 @@ def test_offline_error_is_fast_and_helpful(tmp_path):
     t0 = time.time()
     with pytest.raises(DownloadError) as e:
         download_url(f"http://127.0.0.1:{port}/oxford-iiit-pet.tgz", tmp_path/'oxford-iiit-pet.tgz', show_progress=False)
-    assert time.time() - t0 < 10
+    assert time.time() - t0 < 10   # a refused connection fails at once: this bound only proves it does not hang
     msg = str(e.value)
     assert f"127.0.0.1:{port}/oxford-iiit-pet.tgz" in msg and str(tmp_path/'oxford-iiit-pet.tgz') in msg
     assert list(tmp_path.iterdir()) == []

@@ -414,6 +414,41 @@ def test_fast_cpu_allocator_is_applied_once_unless_switched_off(env, expected):
     assert out[:2] == [expected, expected]
 
 
+class FakeLibc:
+    "Stands in for glibc: records mallopt calls and answers `ok` (glibc returns 1 on success, 0 on failure)."
+    def __init__(self, ok=1): self.calls, self.ok = [], ok
+    def mallopt(self, param, value): self.calls.append((param, value)); return self.ok
+
+
+@pytest.fixture
+def fresh_allocator(monkeypatch):
+    "fast_cpu_allocator remembers its answer per process: forget it for the test, restore it afterwards."
+    import course_lib.learner as L
+    saved = dict(L._allocator)
+    L._allocator.clear()
+    monkeypatch.setattr(L.sys, 'platform', 'linux')
+    monkeypatch.delenv('COURSE_LIB_MALLOC', raising=False)
+    yield L
+    L._allocator.clear(); L._allocator.update(saved)
+
+
+def test_fast_cpu_allocator_sets_the_documented_thresholds_once(fresh_allocator, monkeypatch):
+    L, libc = fresh_allocator, FakeLibc()
+    monkeypatch.setattr(L, '_glibc_malloc', lambda: libc)
+    assert L.fast_cpu_allocator() is True and L.fast_cpu_allocator() is True
+    assert libc.calls == [(-3, 256 * 2**20), (-1, 2**30)]   # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, once per process
+
+
+@pytest.mark.parametrize('case', ['not glibc', 'mallopt refuses', 'switched off', 'not linux'])
+def test_fast_cpu_allocator_declines(fresh_allocator, monkeypatch, case):
+    L, libc = fresh_allocator, FakeLibc(ok=0 if case == 'mallopt refuses' else 1)
+    monkeypatch.setattr(L, '_glibc_malloc', lambda: None if case == 'not glibc' else libc)
+    if case == 'switched off': monkeypatch.setenv('COURSE_LIB_MALLOC', 'default')
+    if case == 'not linux': monkeypatch.setattr(L.sys, 'platform', 'darwin')
+    assert L.fast_cpu_allocator() is False
+    assert libc.calls == ([(-3, 256 * 2**20)] if case == 'mallopt refuses' else [])
+
+
 @pytest.mark.skipif(not sys.platform.startswith('linux') or shutil.which('gcc') is None, reason='needs Linux and gcc')
 def test_fast_cpu_allocator_declines_when_another_malloc_is_preloaded(tmp_path):
     "mallopt would tune glibc's heap, which a preloaded allocator (jemalloc, tcmalloc) does not use: say False."

@@ -12,6 +12,7 @@ from course_lib.augment import *
 from course_lib.learner import Learner, accuracy, load_learner
 from course_lib.models import *
 from course_lib.models import _lite, FrozenBNCallback
+from helpers import notebook_cell
 
 torch.set_num_threads(2)
 SAMPLE = untar_data(URLs.PETS_SAMPLE)/'images'
@@ -67,7 +68,7 @@ def test_resnet_without_weights_fails_fast_and_clearly(tmp_path, monkeypatch):
     try:
         t0 = time.perf_counter()
         with pytest.raises(PretrainedWeightsError) as e: resnet34()
-        assert time.perf_counter() - t0 < 5
+        assert time.perf_counter() - t0 < 5   # the simulated network fails at once: proves it does not hang
     finally: torch.hub.set_dir(old)
     msg = str(e.value)
     assert 'pretrained=False' in msg and str(tmp_path/'checkpoints'/'resnet34-b627a593.pth') in msg and 'TORCH_HOME' in msg
@@ -81,8 +82,46 @@ def test_resnet_real_download_attempt_is_bounded(tmp_path):
         try: load_torchvision_weights(__import__('torchvision').models.ResNet18_Weights.DEFAULT, timeout=3)
         except PretrainedWeightsError: pass
         else: pytest.skip('this machine is online: the weights were downloaded')
-        assert time.perf_counter() - t0 < 30
+        assert time.perf_counter() - t0 < 30   # timeout=3: proves a dead network does not hang the call
     finally: torch.hub.set_dir(old)
+
+def _run_weights_cell(hub_dir, monkeypatch, capsys):
+    "Run notebook 06's resnet34 cell with torch's hub cache in `hub_dir` and the network blocked; return its output."
+    import textwrap, torchvision
+    from fastcore.test import test_eq
+    def offline(*a, **k): raise urllib.error.URLError('simulated: no network')
+    monkeypatch.setattr(torch.hub, 'urlopen', offline)
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(hub_dir))
+    ns = dict(torch=torch, torchvision=torchvision, time=time, textwrap=textwrap, Path=Path, test_eq=test_eq,
+              resnet34=resnet34, hub_checkpoint=hub_checkpoint, PretrainedWeightsError=PretrainedWeightsError)
+    try: exec(notebook_cell('06_transfer_learning', "weights_file = hub_checkpoint("), ns)
+    finally: torch.hub.set_dir(old)
+    return ns, capsys.readouterr().out
+
+def test_notebook_weights_cell_offline_with_an_empty_cache(tmp_path, monkeypatch, capsys):
+    ns, out = _run_weights_cell(tmp_path, monkeypatch, capsys)
+    assert ns['model'] is None and isinstance(ns['err'], PretrainedWeightsError)
+    assert 'cached before: False; an error' in out and 'pretrained=False' in out
+
+def test_notebook_weights_cell_with_the_weights_cached(tmp_path, monkeypatch, capsys):
+    "The file torchvision would have downloaded is in the cache (random weights stand in for ImageNet's)."
+    torch.manual_seed(0)
+    file = tmp_path/'checkpoints'/'resnet34-b627a593.pth'
+    file.parent.mkdir()
+    torch.save(resnet34(pretrained=False).state_dict(), file)
+    ns, out = _run_weights_cell(tmp_path, monkeypatch, capsys)
+    assert ns['err'] is None and 'cached before: True; the pretrained model' in out
+    assert torch.equal(ns['model'].conv1.weight, torch.load(file)['conv1.weight'])
+
+def test_notebook_weights_cell_fails_if_the_model_ignores_the_cache(tmp_path, monkeypatch, capsys):
+    "The cell's check has teeth: a resnet34 that came back with other weights than the file's fails it."
+    torch.manual_seed(0)
+    file = tmp_path/'checkpoints'/'resnet34-b627a593.pth'
+    file.parent.mkdir()
+    torch.save(resnet34(pretrained=False).state_dict(), file)
+    monkeypatch.setitem(globals(), 'resnet34', lambda: __import__('torchvision').models.resnet34())
+    with pytest.raises(AssertionError): _run_weights_cell(tmp_path, monkeypatch, capsys)
 
 def test_resnet_random_init_architecture_only():
     m = resnet18(pretrained=False)

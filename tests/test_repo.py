@@ -24,7 +24,7 @@ def test_readme_has_one_install_and_one_test_command_and_ci_runs_them():
     assert len(install.splitlines()) == 1 and len(test.splitlines()) == 1
     assert install in ci, f".ci/run must run the README's install command: {install}"
     assert test in ci, f".ci/run must run the README's test command: {test}"
-    assert 'nbdev_test' in test and 'pytest' in test and '--doctest-modules course_lib' in test
+    assert 'tests/run_notebooks.py' in test and 'pytest' in test and '--doctest-modules course_lib' in test
 
 
 def test_notebooks_are_clean_and_small():
