@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from course_lib.data import DataLoaders, default_device
+from course_lib.data import default_device
 from course_lib.learner import Learner
 from course_lib.architectures import saved_activation_bytes, training_memory
 
@@ -69,3 +69,64 @@ def test_default_device_can_be_chosen_with_an_environment_variable(monkeypatch, 
 def test_a_wrong_device_name_says_which_variable(monkeypatch):
     monkeypatch.setenv('COURSE_LIB_DEVICE', 'gpu0')
     with pytest.raises(ValueError, match=r"COURSE_LIB_DEVICE='gpu0' is not a torch device"): default_device()
+
+
+def test_step_memory_counts_16_bit_activations_under_mixed_precision():
+    "compare_archs after to_fp16()/to_bf16(): the memory columns are measured under the same autocast as training."
+    from types import SimpleNamespace
+    from course_lib.architectures import _step_memory
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU())
+    def learn(dtype=None):
+        mp = SimpleNamespace(dtype=dtype) if dtype else None
+        return SimpleNamespace(model=model, device=torch.device('cpu'), mixed_precision=mp, freeze=lambda: None,
+                               unfreeze=lambda: None)
+    xb = torch.randn(4, 3, 32, 32)
+    fp32, bf16 = _step_memory(learn(), xb, False), _step_memory(learn(torch.bfloat16), xb, False)
+    assert bf16 < fp32
+    assert _step_memory(learn(torch.float32), xb, False) == fp32   # to_fp16 on a CPU keeps fp32: same figure
+
+
+@pytest.mark.parametrize('device', ['cpu', 'cuda'])
+def test_questionnaire_fp16_cell_holds_on_each_device(monkeypatch, device):
+    "Notebook 16's Q23 cell, with its learner on the CPU and (pretended: only `learn.device` says so) on a CUDA GPU."
+    import warnings
+    from fastcore.test import test_eq
+    from course_lib.fp16 import MixedPrecisionWarning
+    from helpers import notebook_cell
+    learn = Learner(synth_dls(), mlp())
+    monkeypatch.setattr(Learner, 'device', property(lambda self: torch.device(device)))
+    ns = dict(learn=learn, warnings=warnings, test_eq=test_eq, torch=torch, nn=nn, MixedPrecisionWarning=MixedPrecisionWarning)
+    exec(notebook_cell('16_questionnaire', 'learn.to_fp16()'), ns)
+
+
+def test_hotdog_loaders_go_to_the_default_device(monkeypatch):
+    "Notebook 12's d2l-style loaders follow `default_device()` (a GPU when there is one), not a fixed CPU."
+    from pathlib import Path
+    from helpers import notebook_cell
+    monkeypatch.setenv('COURSE_LIB_DEVICE', 'meta')
+    ns = {}
+    exec('import torch\nfrom torchvision.transforms import v2\nfrom course_lib.data import *\nfrom course_lib.models import arch_meta\n'
+         + notebook_cell('12_fine_tuning_hotdog', 'def d2l_dls('), ns)
+    class Block:   # two photos of the sample, one to train, one to validate
+        def datasets(self, source):
+            files = sorted(Path(source).glob('*.jpg'))[:2]
+            return [files[0]], [0], [files[1]], [1], ['a', 'b']
+    sample = ns['untar_data'](ns['URLs'].PETS_SAMPLE)/'images'
+    assert ns['d2l_dls'](Block(), sample, size=32).device == META
+
+
+def _cross_device(e): return any(s in str(e) for s in ('expected device', 'same device', 'on device cpu'))
+
+
+def test_imagenet_check_of_notebook_06_runs_the_model_where_the_loader_puts_the_batches(monkeypatch):
+    "Notebook 06's top-1 cell with its loader on a stand-in GPU: the model must follow the batches there."
+    from fastcore.test import test_close
+    from helpers import notebook_cell
+    import course_lib.data as data, course_lib.augment as augment, course_lib.models as models
+    monkeypatch.setenv('COURSE_LIB_DEVICE', 'meta')
+    ns = {**vars(data), **vars(augment), **{k: getattr(models, k) for k in models.__all__}, 'torch': torch,
+          'test_close': test_close, 'lite0': models.efficientnet_lite0()}
+    try: exec(notebook_cell('06_transfer_learning', 'lite0(xb).argmax(1)'), ns)
+    except (RuntimeError, NotImplementedError) as e:   # reading a meta tensor's value fails: after the placement
+        assert not _cross_device(e), e
+    assert device_of(ns['lite0']) == META

@@ -1,5 +1,5 @@
 "Tests for course_lib.fp16 on tiny synthetic data: the CPU fallbacks, the bf16 decision, GradScaler skips and the recorder."
-import time, warnings
+import warnings
 import pytest
 import torch
 from torch import nn
