@@ -27,3 +27,36 @@ _modules = (course_lib.data, course_lib.augment, course_lib.losses, course_lib.l
             course_lib.models, course_lib.callbacks, course_lib.interpret, course_lib.architectures, course_lib.fp16, course_lib.hotdog,
             course_lib.keras_lecture)
 __all__ = [n for m in _modules for n in m.__all__]
+
+# %% ../nbs/90_all.ipynb #5402ab15
+import math, os, random, re, inspect
+from functools import partial
+import numpy as np
+import torch
+from torch import nn, Tensor
+import torch.nn.functional as F
+import matplotlib.pyplot as plt
+from PIL import Image
+
+def _notebook_of(f):
+    "The notebook that an exported function's code comes from (nbdev marks each exported cell), or None."
+    try: file, line = inspect.getsourcefile(f), inspect.getsourcelines(f)[1]
+    except (TypeError, OSError): return None
+    with open(file) as fh: head = fh.readlines()[:line]
+    marks = [m.group(1) for l in head if (m := re.match(r'# %% \.\./(nbs/\S+\.ipynb)', l))]
+    return marks[-1] if marks else None
+
+def doc(f):
+    "Print what the book's `doc(f)` shows: `f`'s signature, its docstring, and where its code is (module, notebook)."
+    name = getattr(f, '__qualname__', None) or getattr(f, '__name__', None) or type(f).__name__
+    try: sig = str(inspect.signature(f))
+    except (TypeError, ValueError): sig = '(...)'
+    print(f"{name}{sig}")
+    d = inspect.getdoc(f)
+    if d: print('\n'.join('    ' + l for l in d.splitlines()))
+    mod, nb = getattr(inspect.getmodule(f), '__name__', None), _notebook_of(f)
+    if mod: print(f"defined in {mod}" + (f", from {nb}" if nb else '') + "; the code: print(inspect.getsource(f))")
+
+_python_names = ['math', 'os', 'random', 're', 'inspect', 'partial', 'np', 'torch', 'nn', 'Tensor', 'F', 'plt', 'Image',
+                 'doc']
+__all__ = __all__ + _python_names

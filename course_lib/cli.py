@@ -12,7 +12,7 @@ import matplotlib
 from .data import (URLs, untar_data, data_home, DataBlock, ImageBlock, CategoryBlock, get_image_files,
                              RandomSplitter, RegexLabeller, using_attr, UnreadableImageError, DownloadError)
 from .augment import Resize, aug_transforms
-from .learner import load_learner, error_rate, accuracy
+from .learner import load_learner, error_rate, accuracy, ExportFileError
 from .losses import CrossEntropyLossFlat
 from .lr_finder import minimum, steep, valley
 from .models import vision_learner, PretrainedWeightsError
@@ -236,8 +236,12 @@ def predict_files(model_dir, images, k=3):
     return [results[str(f)] for f in images]
 
 def run_predict(args) -> int:
-    "The `predict` subcommand. Exit code 1 if any image failed."
-    res = predict_files(args.dir, args.images)
+    "The `predict` subcommand. Exit code 1 if any image failed; 2, with one line on stderr, if model.pth is unusable."
+    try: res = predict_files(args.dir, args.images)
+    except ExportFileError as e:
+        print(f"course-lib predict: {e.fname}: {e.problem}. Retrain the model with `course-lib pets --out {args.dir}`, "
+              "which writes a new model.pth there.", file=sys.stderr)
+        return 2
     if args.json: print(json.dumps([{k: r[k] for k in ('file', 'label', 'prob', 'error') if k in r} for r in res], indent=1))
     else:
         for r in res:

@@ -4,10 +4,10 @@
 
 # %% ../nbs/01_data.ipynb #54b4115e
 from __future__ import annotations
-import hashlib, os, random, re, shutil, socket, tarfile, tempfile, threading, urllib.error, urllib.request, warnings, zipfile
+import hashlib, os, pathlib, random, re, shutil, socket, tarfile, tempfile, threading, warnings, zipfile
+import urllib.error, urllib.request
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,12 +15,46 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['CHECKSUMS', 'image_extensions', 'MAX_IMAGE_PIXELS', 'data_home', 'URLs', 'DownloadError', 'ChecksumError',
-           'file_hash', 'check_file', 'download_url', 'UnsafeArchiveError', 'safe_extract', 'make_pets_sample',
-           'untar_data', 'get_image_files', 'RegexLabeller', 'using_attr', 'parent_label', 'RandomSplitter',
-           'GrandparentSplitter', 'UnreadableImageError', 'load_image', 'ImageBlock', 'CategoryBlock',
+__all__ = ['CHECKSUMS', 'image_extensions', 'MAX_IMAGE_PIXELS', 'Children', 'Path', 'data_home', 'URLs', 'DownloadError',
+           'ChecksumError', 'file_hash', 'check_file', 'download_url', 'UnsafeArchiveError', 'safe_extract',
+           'make_pets_sample', 'untar_data', 'get_image_files', 'RegexLabeller', 'using_attr', 'parent_label',
+           'RandomSplitter', 'GrandparentSplitter', 'UnreadableImageError', 'load_image', 'ImageBlock', 'CategoryBlock',
            'image_to_tensor', 'ItemTransform', 'FuncItemTransform', 'ImageCache', 'default_device', 'DataLoader',
            'show_images', 'register_tfm', 'DataLoaders', 'DataBlock']
+
+# %% ../nbs/01_data.ipynb #2adee0c9
+class Children(list):
+    "What `Path.ls` returns: a plain list, shown as the book shows it (its length and the first ten items)."
+    def __repr__(self): return f"(#{len(self)}) [{', '.join(map(repr, self[:10]))}{', ...' if len(self) > 10 else ''}]"
+
+class Path(type(pathlib.Path())):
+    """A `pathlib.Path` with the book's two additions: `ls()` lists a folder's children (sorted), and paths under the
+    class attribute `Path.BASE_PATH`, when it is set, print relative to it."""
+    BASE_PATH = None
+
+    def ls(self, n_max:int=None, file_exts=None) -> Children:
+        "The children of this folder sorted by name: only those with a suffix in `file_exts`, and the first `n_max`."
+        if not self.exists(): raise FileNotFoundError(f"{self}.ls(): there is no such folder.")
+        if not self.is_dir():
+            raise NotADirectoryError(f"{self}.ls(): this is a file; ls() lists the children of a folder.")
+        if n_max is not None and (isinstance(n_max, bool) or not isinstance(n_max, int) or n_max < 0):
+            raise ValueError(f"ls(n_max=...) must be a whole number >= 0 or None, got {n_max!r}")
+        kids = sorted(self.iterdir())
+        if file_exts is not None:
+            exts = [file_exts] if isinstance(file_exts, str) else list(file_exts)
+            exts = {(e if e.startswith('.') else '.' + e).lower() for e in exts}
+            kids = [k for k in kids if k.suffix.lower() in exts]
+        return Children(kids if n_max is None else kids[:n_max])
+
+    def __repr__(self): return f"Path({_shown(self)!r})"
+
+def _shown(o) -> str:
+    "How outputs and messages show `o`: a path under `Path.BASE_PATH` relative to it, anything else as `str(o)`."
+    base = Path.BASE_PATH
+    if base is not None and isinstance(o, pathlib.PurePath):
+        try: return o.relative_to(base).as_posix()
+        except ValueError: pass
+    return o.as_posix() if isinstance(o, pathlib.PurePath) else str(o)
 
 # %% ../nbs/01_data.ipynb #d0350945
 def data_home() -> Path:
@@ -367,11 +401,11 @@ class DataLoader:
     def __len__(self): return self.n // self.bs if self.drop_last else -(-self.n // self.bs)
 
     def _fixed(self, item):
-        key = item if isinstance(item, (str, Path)) else None
+        key = item if isinstance(item, (str, os.PathLike)) else None
         x = self.cache.get(key) if key is not None else None
         if x is None:
             draft = next((d for t in self.item_tfms if (d := t.draft_size())), None)
-            img = self.loader(item, draft=draft) if isinstance(item, (str, Path)) else _to_rgb(item)
+            img = self.loader(item, draft=draft) if isinstance(item, (str, os.PathLike)) else _to_rgb(item)
             for t in self.item_tfms: img = t.fixed(img)
             x = img if isinstance(img, torch.Tensor) else image_to_tensor(img)
             if key is not None: self.cache.put(key, x)
@@ -550,7 +584,8 @@ class DataBlock:
         for o in items:
             try: labels.append(self.get_y(o))
             except Exception as e:
-                raise type(e)(f"{e}\n(get_y failed on the item {o}; {len(labels)} items before it were labelled.)") from None
+                raise type(e)(f"{e}\n(get_y failed on the item {_shown(o)}; {len(labels)} items before it were "
+                              "labelled.)") from None
         return labels
 
     def datasets(self, source):
@@ -576,15 +611,16 @@ class DataBlock:
         valid = DataLoader(vx, vy, bs=val_bs or bs, shuffle=False, split='valid', **kw)
         return DataLoaders(train, valid, vocab=vocab, device=train.device, get_y=self.get_y)
 
-    def summary(self, source, bs=4):
-        "Show each step of the recipe on real items, and say at which step it fails."
+    def summary(self, source, bs=4, raise_error=False):
+        """Run the recipe step by step on real items, printing what each step gives; if a step fails, print which and
+        why, then return (or raise the error, with `raise_error=True`). Paths print relative to `Path.BASE_PATH`."""
         step = 'get_items'
         try:
             items = self.items(source)
-            print(f"get_items: {len(items)} items, e.g. {items[0]}")
+            print(f"get_items: {len(items)} items, e.g. {_shown(items[0])}")
             step = 'get_y'
             labels = self.label(items)
-            print(f"get_y: {items[0].name if isinstance(items[0], Path) else items[0]} -> {labels[0]!r}")
+            print(f"get_y: {items[0].name if isinstance(items[0], pathlib.PurePath) else items[0]} -> {labels[0]!r}")
             vocab = CategoryBlock.vocab(labels)
             print(f"vocab: {len(vocab)} classes, e.g. {vocab[:4]}")
             step = 'splitter'
@@ -593,7 +629,7 @@ class DataBlock:
             x = self.get_x(items[train[0]]) if self.get_x else items[train[0]]
             step = 'load_image'
             img = load_image(x)
-            print(f"load_image: {x} -> PIL image {img.size[0]}x{img.size[1]} {img.mode}")
+            print(f"load_image: {_shown(x)} -> PIL image {img.size[0]}x{img.size[1]} {img.mode}")
             dl = DataLoader([self.get_x(items[i]) if self.get_x else items[i] for i in train[:bs]],
                             [vocab.index(labels[i]) for i in train[:bs]], bs=bs, item_tfms=self.item_tfms,
                             batch_tfms=self.batch_tfms, split='train', num_workers=1)
@@ -607,4 +643,4 @@ class DataBlock:
             print("All steps succeeded.")
         except Exception as e:
             print(f"Failed at step '{step}': {type(e).__name__}: {e}")
-            raise
+            if raise_error: raise

@@ -77,14 +77,17 @@ ClassificationInterpretation.confusion_matrix = _confusion_matrix
 
 # %% ../nbs/09_interpretation.ipynb #dffdcecc
 def _plot_confusion_matrix(self:ClassificationInterpretation, normalize:bool=False, figsize=None, cmap='Blues',
-                           fontsize=None, title='Confusion matrix'):
-    "Plot the confusion matrix (rows = actual, columns = predicted); `normalize=True` shows each row as fractions."
+                           fontsize=None, title='Confusion matrix', dpi=None):
+    """Plot the confusion matrix (rows = actual, columns = predicted); `normalize=True` shows each row as fractions.
+    `figsize` is in inches and `dpi` pixels per inch (the book's `figsize=(12,12), dpi=60`); default: matplotlib's."""
+    if dpi is not None and (isinstance(dpi, bool) or not isinstance(dpi, (int, float)) or not dpi > 0):
+        raise ValueError(f"dpi must be a positive number of pixels per inch (e.g. 60), got {dpi!r}")
     cm = self.confusion_matrix().astype(np.float64)
     c = len(self.vocab)
     if normalize: cm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     if figsize is None: figsize = (min(3 + 0.16 * c, 9),) * 2
     if fontsize is None: fontsize = 9 if c <= 12 else 7 if c <= 25 else 5.5
-    fig, ax = plt.subplots(figsize=figsize)
+    fig, ax = plt.subplots(figsize=figsize, dpi=dpi)
     ax.imshow(cm, interpolation='nearest', cmap=cmap, vmin=0)
     ax.set_xticks(range(c)); ax.set_yticks(range(c))
     ax.set_xticklabels(self.vocab, rotation=90, fontsize=fontsize); ax.set_yticklabels(self.vocab, fontsize=fontsize)

@@ -8,7 +8,7 @@ __all__ = ['EVENTS', 'CancelFitException', 'CancelEpochException', 'CancelTrainE
            'no_decay_ids', 'default_splitter', 'param_groups', 'Adam', 'SGD', 'group_lrs', 'sched_cos', 'combined_cos',
            'accuracy', 'error_rate', 'register_model', 'registered_models', 'create_model', 'simple_cnn', 'Recorder',
            'progress_bar', 'ProgressCallback', 'fast_cpu_allocator', 'Learner', 'ParamScheduler', 'patch_to',
-           'load_learner']
+           'ExportFileError', 'UnsafeExportError', 'load_learner']
 
 # %% ../nbs/04_learner.ipynb #5ef71051
 import ctypes, math, os, sys, time, copy, numbers, pickle, re, warnings
@@ -761,7 +761,18 @@ def predict(self:Learner, item):
     return self.dls.vocab[int(idx)], idx, probs
 
 # %% ../nbs/04_learner.ipynb #2133b62a
-_export_format = 'course_lib.learner.export'
+import zipfile
+
+_export_format, _export_version = 'course_lib.learner.export', 1
+
+class ExportFileError(ValueError):
+    "A file `load_learner` cannot use. `fname`: the file; `problem`: what is wrong with it; `fix`: what to do."
+    def __init__(self, fname, problem:str, fix:str="Export the model again with learn.export() and load that file."):
+        self.fname, self.problem, self.fix = Path(fname), problem, fix
+        super().__init__(f"{fname}: {problem}. {fix}")
+
+class UnsafeExportError(ExportFileError, pickle.UnpicklingError):
+    "An export file with objects other than tensors and plain values, refused by `torch.load(weights_only=True)`."
 
 @patch_to(Learner)
 def export(self:Learner, fname='export.pth', model_spec:dict=None) -> Path:
@@ -772,32 +783,72 @@ def export(self:Learner, fname='export.pth', model_spec:dict=None) -> Path:
         raise TypeError(f"{type(self.dls).__name__} has no inference_config(); export needs the course_lib DataLoaders")
     cfg = self.dls.inference_config()
     _check_plain(cfg, 'dls.inference_config()')
-    state = {'format': _export_format, 'version': 1, 'model_spec': spec, 'dls_config': cfg,
+    state = {'format': _export_format, 'version': _export_version, 'model_spec': spec, 'dls_config': cfg,
              'model_state': {k: v.detach().cpu() for k, v in self.model.state_dict().items()}}
     file = self.path/fname
     file.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, file)
     return file
 
-def load_learner(fname, cpu:bool=True, model_fn=None, dls_fn=None, loss_func=None) -> Learner:
-    """Rebuild a `Learner` for inference from `Learner.export`'s file, loaded with `torch.load(weights_only=True)`.
-    `model_fn()` builds the model when the export has no `model_spec`; `dls_fn(config)` defaults to `DataLoaders.for_inference`."""
-    fname = Path(fname)
-    if not fname.exists(): raise FileNotFoundError(f"no export file at {fname}; create it with learn.export()")
+def _first_line(e) -> str: return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+def _describe(state) -> str:
+    if not isinstance(state, dict): return f"it holds a {type(state).__name__}, not the dict Learner.export writes"
+    if 'format' in state: return f"its format is {state['format']!r}, not {_export_format!r}"
+    return f"it holds a dict without a 'format' entry (keys: {sorted(map(str, state))[:6]})"
+
+def _read_export(fname:Path) -> dict:
+    "The dict saved by `Learner.export` in `fname`; `ExportFileError` saying in one line what is wrong with the file."
+    try:
+        with open(fname, 'rb') as f: head = f.read(4)
+    except OSError as e: raise ExportFileError(fname, f"the file cannot be read ({e.strerror or e})") from None
+    if not head: raise ExportFileError(fname, "the file is empty (0 bytes)")
+    if head == b'PK\x03\x04' and not zipfile.is_zipfile(fname):
+        raise ExportFileError(fname, f"the file is truncated or damaged (a zip archive of {fname.stat().st_size:,} "
+                              "bytes without its directory at the end: a copy or download probably stopped early)")
+    if head != b'PK\x03\x04' and not head.startswith(b'\x80'):
+        raise ExportFileError(fname, f"this is not a file written by torch.save (it starts with the bytes {head!r})")
     try: state = torch.load(fname, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        raise pickle.UnpicklingError(
-            f"{fname} contains objects other than tensors and plain Python values, so it was refused (it is loaded with "
-            "weights_only=True, because unpickling can run arbitrary code). load_learner only reads files written by "
-            f"Learner.export. Details: {str(e).splitlines()[0]}") from None
+        raise UnsafeExportError(fname, "it contains objects other than tensors and plain Python values, so it was "
+                                "refused (it is loaded with weights_only=True, because unpickling can run arbitrary "
+                                "code)",
+                                "load_learner only reads files written by Learner.export. "
+                                f"Details: {_first_line(e)}") from None
+    except Exception as e:
+        raise ExportFileError(fname, f"the file is damaged: torch.load failed with {type(e).__name__}: "
+                              f"{_first_line(e)}") from None
     if not isinstance(state, dict) or state.get('format') != _export_format:
-        raise ValueError(f"{fname} is not a course_lib export (written by Learner.export)")
+        raise ExportFileError(fname, f"this is not a course_lib export (written by Learner.export): {_describe(state)}")
+    version = state.get('version')
+    if isinstance(version, int) and version > _export_version:
+        raise ExportFileError(fname, f"it was written by a newer course_lib (export format version {version}; this "
+                              f"one reads version {_export_version})",
+                              "Upgrade course_lib, or export the model with this one.")
+    if version != _export_version:
+        which = "no export format version" if version is None else f"export format version {version}"
+        raise ExportFileError(fname, f"it was written by an older course_lib ({which}; this one reads version "
+                              f"{_export_version} only)")
+    missing = [k for k in ('model_spec', 'dls_config', 'model_state') if k not in state]
+    if missing: raise ExportFileError(fname, f"the export lacks the entries {missing}")
+    return state
+
+def load_learner(fname, cpu:bool=True, model_fn=None, dls_fn=None, loss_func=None) -> Learner:
+    """Rebuild a `Learner` for inference from `Learner.export`'s file, loaded with `torch.load(weights_only=True)`.
+    `model_fn()` builds the model when the export has no `model_spec`; `dls_fn(config)` defaults to `DataLoaders.for_inference`.
+    A file that is not a readable export of this format version raises `ExportFileError` (`UnsafeExportError` if it
+    holds pickled objects), whose message says in one line which file, what is wrong, and what to do."""
+    fname = Path(fname)
+    if not fname.exists(): raise FileNotFoundError(f"no export file at {fname}; create it with learn.export()")
+    state = _read_export(fname)
     spec = state['model_spec']
     if model_fn is not None: model = model_fn()
     elif spec is not None: model = create_model(spec['name'], **spec['kwargs'])
     else: raise ValueError(f"{fname} does not say how to build its model (the model was not made with create_model); "
                            "pass model_fn=, a function that returns the untrained model, e.g. load_learner(f, model_fn=MyNet)")
-    model.load_state_dict(state['model_state'])
+    try: model.load_state_dict(state['model_state'])
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise ExportFileError(fname, f"its weights do not fit the model it describes ({_first_line(e)})") from None
     if dls_fn is None:
         from course_lib.data import DataLoaders
         dls_fn = DataLoaders.for_inference

@@ -139,3 +139,81 @@ def test_download_failure_names_the_way_to_the_sample_that_fits_the_preset(tmp_p
     assert str(tmp_path) not in str(ei.value)
     with pytest.raises(SystemExit, match=f"or use the sample: put it at {tmp_path/'oxford-iiit-pet-sample'};"):
         cli.find_images(None, 'sample')
+
+
+def _export_file(tmp_path, **changes):
+    "A real (tiny) course_lib export, with `changes` applied to its entries."
+    import torch
+    from course_lib.learner import Learner, create_model
+    from helpers import synth_dls
+    dls = synth_dls(n=8, bs=4)
+    dls.inference_config = lambda: {'vocab': ['a', 'b'], 'bs': 4, 'item_tfms': [], 'batch_tfms': []}
+    learn = Learner(dls, create_model('simple_cnn', n_out=2, n_in=1, widths=(4,)), path=tmp_path)
+    f = learn.export('real.pth')
+    if changes:
+        state = torch.load(f, weights_only=True)
+        state.update(changes)
+        torch.save(state, f)
+    return f.read_bytes()
+
+
+def _bad_models(tmp_path):
+    import torch
+    torch.save({'just': 'a dict'}, tmp_path/'foreign.pth')
+    return {
+        'truncated': (_export_file(tmp_path)[:300], 'the file is truncated or damaged'),
+        'foreign': ((tmp_path/'foreign.pth').read_bytes(), "this is not a course_lib export (written by "
+                    "Learner.export): it holds a dict without a 'format' entry (keys: ['just'])"),
+        'garbage': (b'<html>404 Not Found</html>',
+                    "this is not a file written by torch.save (it starts with the bytes b'<htm')"),
+        'empty': (b'', 'the file is empty (0 bytes)'),
+        'older': (_export_file(tmp_path, version=0), 'it was written by an older course_lib (export format version 0; '
+                  'this one reads version 1 only)'),
+        'newer': (_export_file(tmp_path, version=7), 'it was written by a newer course_lib (export format version 7'),
+    }
+
+
+@pytest.mark.parametrize('kind', ['truncated', 'foreign', 'garbage', 'empty', 'older', 'newer'])
+def test_predict_with_an_unusable_model_says_so_in_one_line(kind, tmp_path, capsys):
+    content, problem = _bad_models(tmp_path)[kind]
+    run = tmp_path/'run'; run.mkdir()
+    (run/'model.pth').write_bytes(content)
+    assert main(['predict', str(run), 'cat.jpg']) == 2
+    out, err = capsys.readouterr()
+    assert out == '' and len(err.splitlines()) == 1, err
+    assert err.startswith(f"course-lib predict: {run/'model.pth'}: {problem}"), err
+    assert f"Retrain the model with `course-lib pets --out {run}`" in err
+
+
+def test_predict_with_a_folder_named_model_pth(tmp_path, capsys):
+    (tmp_path/'model.pth').mkdir()
+    assert main(['predict', str(tmp_path), 'cat.jpg']) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and 'the file cannot be read (Is a directory)' in err
+
+
+def test_predict_with_an_unusable_model_from_the_shell_prints_no_traceback(tmp_path):
+    (tmp_path/'model.pth').write_bytes(_export_file(tmp_path)[:300])
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    r = subprocess.run([sys.executable, '-m', 'course_lib', 'predict', str(tmp_path), 'cat.jpg'], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == '' and len(r.stderr.splitlines()) == 1, r.stderr
+    assert 'Traceback' not in r.stderr and 'truncated' in r.stderr and str(tmp_path/'model.pth') in r.stderr
+
+
+def test_load_learner_errors_keep_their_types(tmp_path):
+    "Callers that caught ValueError / pickle.UnpicklingError before still catch the new errors."
+    import pickle, torch
+    from course_lib.learner import load_learner, ExportFileError, UnsafeExportError
+    class Payload:
+        def __reduce__(self): return (print, ('pwned',))
+    torch.save({'format': 'course_lib.learner.export', 'x': Payload()}, tmp_path/'unsafe.pth')
+    with pytest.raises(UnsafeExportError, match='was refused') as ei: load_learner(tmp_path/'unsafe.pth')
+    assert isinstance(ei.value, pickle.UnpicklingError) and isinstance(ei.value, ValueError)
+    (tmp_path/'bad.pth').write_bytes(b'garbage!')
+    with pytest.raises(ExportFileError) as ei: load_learner(tmp_path/'bad.pth')
+    assert ei.value.fname == tmp_path/'bad.pth' and 'torch.save' in ei.value.problem
+    assert isinstance(ei.value, ValueError)
+    (tmp_path/'wrong.pth').write_bytes(_export_file(tmp_path, model_state={'nope': torch.zeros(1)}))
+    with pytest.raises(ExportFileError, match='its weights do not fit the model it describes'):
+        load_learner(tmp_path/'wrong.pth', dls_fn=lambda cfg: None)

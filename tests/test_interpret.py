@@ -164,3 +164,12 @@ def test_plot_confusion_matrix():
     ax = interp.plot_confusion_matrix(normalize=True)
     np.testing.assert_allclose(ax.images[0].get_array().sum(1), [1, 1, 1, 1])
     plt.close('all')
+
+
+def test_plot_confusion_matrix_takes_the_books_figsize_and_dpi():
+    interp, *_ = hand_made()
+    fig = interp.plot_confusion_matrix(figsize=(12, 12), dpi=60).figure
+    assert fig.dpi == 60 and tuple(fig.get_size_inches()) == (12, 12)   # 720 x 720 pixels, as in the book
+    for bad in (0, -5, 'high', True):
+        with pytest.raises(ValueError, match='dpi must be a positive number'): interp.plot_confusion_matrix(dpi=bad)
+    plt.close('all')
