@@ -8,7 +8,7 @@ The stand-ins: the full Oxford-IIIT Pet and hot-dog downloads are folders of lin
 the real archives unpack; Fashion-MNIST is random pixels in its file format; torchvision's ResNet weights are random
 ones in torch's hub cache; images are at most 32 pixels and batches at most 16, every `fit` runs one epoch of three
 training and two validation batches, and `lr_find` ten batches. Each
-notebook runs in a fresh process: its imports, its `#| export` cells, its flagged cells, and the earlier cells that
+notebook runs in a fresh process (forked, as in `run_notebooks.py`, where the system can): its imports, its `#| export` cells, its flagged cells, and the earlier cells that
 define a name the flagged ones use (found by reading the code), in notebook order. Cells that call CUDA by name
 (`.cuda()`, `device='cuda'`) cannot run without a GPU and are listed as such. Exits 1 if a flagged cell raised anything
 but an `AssertionError` (the book-scale numbers that flagged cells check do not hold at this scale). A cell it needs
@@ -18,6 +18,8 @@ import argparse, ast, builtins, json, os, re, subprocess, sys, tempfile, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_notebooks import can_fork, in_fresh_process, preload  # noqa: E402
 FLAG = re.compile(r'^\s*#\|\s*(cuda|slow)\b', re.M)
 NEEDS_GPU = re.compile(r"\.cuda\(|device=['\"]cuda")
 SMALL_PX, SMALL_BS, NUM_IT = 32, 16, 10
@@ -131,20 +133,31 @@ _L.Learner.lr_find = lambda self, *a, num_it=100, **k: _lr_find(self, *a, num_it
 """
 
 
-RUNNER = """
-import json, sys, time, traceback
-from execnb.shell import CaptureShell
-cells, prelude = json.load(open(sys.argv[1])), open(sys.argv[2]).read()
-sh = CaptureShell()
-sh.run(prelude)
-if sh.exc: raise SystemExit(f"prelude failed: {sh.exc!r}")
-for i, src in cells:
-    t0 = time.perf_counter()
-    sh.run(src)
-    e = sh.exc
-    print(json.dumps(dict(cell=i, secs=time.perf_counter() - t0, error=None if e is None else type(e).__name__,
-                          message=None if e is None else str(e)[:300])), flush=True)
-"""
+def _run_cells(cells, env, cwd) -> int:
+    "In a fresh process: the prelude, then each cell, printing a JSON line per cell (its time and error)."
+    from execnb.shell import CaptureShell
+    os.environ.update(env)
+    os.chdir(cwd)
+    sh = CaptureShell()
+    sh.run(PRELUDE)
+    if sh.exc: raise SystemExit(f"prelude failed: {sh.exc!r}")
+    for i, src in cells:
+        t0 = time.perf_counter()
+        sh.run(src)
+        e = sh.exc
+        print(json.dumps(dict(cell=i, secs=time.perf_counter() - t0, error=None if e is None else type(e).__name__,
+                              message=None if e is None else str(e)[:300])), flush=True)
+    return 0
+
+
+def _in_subprocess(cells, env, cwd) -> tuple:
+    "Where the system cannot fork: the same in `python -c`."
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp)/'cells.json').write_text(json.dumps(cells))
+        code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import dry_run_flagged as d; "
+                f"sys.exit(d._run_cells(json.load(open({str(Path(tmp)/'cells.json')!r})), {{}}, {str(cwd)!r}))")
+        res = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True)
+    return res.returncode, res.stdout + res.stderr
 
 
 def dry_run(nb: Path, env: dict) -> list:
@@ -153,18 +166,14 @@ def dry_run(nb: Path, env: dict) -> list:
     chosen = select_cells(cells)
     srcs = {i: smaller(''.join(cells[i]['source'])) for i in chosen}
     gpu_only = [i for i in chosen if FLAG.search(srcs[i]) and NEEDS_GPU.search(srcs[i])]
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp)/'cells.json').write_text(json.dumps([[i, srcs[i]] for i in chosen if i not in gpu_only]))
-        (Path(tmp)/'prelude.py').write_text(PRELUDE)
-        (Path(tmp)/'runner.py').write_text(RUNNER)
-        res = subprocess.run([sys.executable, str(Path(tmp)/'runner.py'), str(Path(tmp)/'cells.json'),
-                              str(Path(tmp)/'prelude.py')], cwd=nb.parent, env=env, capture_output=True, text=True)
-    ran = {r['cell']: r for r in map(json.loads, (l for l in res.stdout.splitlines() if l.startswith('{"cell"')))}
+    todo = [[i, srcs[i]] for i in chosen if i not in gpu_only]
+    code, out = in_fresh_process(_run_cells, todo, env, nb.parent) if can_fork() else _in_subprocess(todo, env, nb.parent)
+    ran = {r['cell']: r for r in map(json.loads, (l for l in out.splitlines() if l.startswith('{"cell"')))}
     rows = []
     for i in chosen:
         flagged, r = bool(FLAG.search(srcs[i])), ran.get(i)
         if i in gpu_only: status, secs, note = 'needs a GPU', 0., 'calls CUDA by name: not run without a GPU'
-        elif r is None: status, secs, note = 'FAILED', 0., f'did not run: {res.stderr.strip()[-300:]}'
+        elif r is None: status, secs, note = 'FAILED', 0., f'did not run: {out.strip()[-300:]}'
         elif r['error'] is None: status, secs, note = 'ran', r['secs'], ''
         elif r['error'] == 'AssertionError': status, secs, note = 'ran', r['secs'], f"its check failed at this scale: {r['message']}"
         elif not flagged: status, secs, note = 'too small', r['secs'], f"fails at this scale: {r['error']}: {r['message']}"
@@ -183,6 +192,7 @@ def main(argv=None):
     sample = Path(os.environ.get('COURSE_LIB_DATA') or Path.home()/'.course_lib'/'data')/'oxford-iiit-pet-sample'/'images'
     if not sample.is_dir(): raise SystemExit(f"the dry run needs the pets sample at {sample}: set COURSE_LIB_DATA")
     failed, start = 0, time.perf_counter()
+    if can_fork(): preload()
     with tempfile.TemporaryDirectory() as root:
         stand_in_data(Path(root), sample.resolve())
         env = {**os.environ, 'COURSE_LIB_DATA': root, 'TORCH_HOME': str(Path(root)/'torch'), 'COURSE_LIB_DEVICE': 'cpu',

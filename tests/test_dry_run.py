@@ -47,3 +47,14 @@ def test_stand_in_downloads_are_laid_out_like_the_real_ones(tmp_path):
     import torch
     state = torch.load(tmp_path/'torch'/'hub'/'checkpoints'/'resnet34-b627a593.pth')
     assert state['fc.weight'].shape == (1000, 512)
+
+
+def _imports_a_module(): import colorsys; print('child ran'); return 3   # a module this test process has not imported
+
+
+@pytest.mark.skipif(not __import__('run_notebooks').can_fork(), reason='this system cannot fork')
+def test_a_fresh_process_returns_its_code_and_output_and_leaves_this_process_alone():
+    from run_notebooks import in_fresh_process
+    sys.modules.pop('colorsys', None)
+    code, out = in_fresh_process(_imports_a_module)
+    assert (code, out.strip()) == (3, 'child ran') and 'colorsys' not in sys.modules

@@ -104,22 +104,23 @@ def test_notebook_weights_cell_offline_with_an_empty_cache(tmp_path, monkeypatch
     assert ns['model'] is None and isinstance(ns['err'], PretrainedWeightsError)
     assert 'cached before: False; an error' in out and 'pretrained=False' in out
 
-def test_notebook_weights_cell_with_the_weights_cached(tmp_path, monkeypatch, capsys):
-    "The file torchvision would have downloaded is in the cache (random weights stand in for ImageNet's)."
+def _cache_resnet34_weights(hub_dir):
+    "The file torchvision would have downloaded, in the cache (random weights stand in for ImageNet's)."
     torch.manual_seed(0)
-    file = tmp_path/'checkpoints'/'resnet34-b627a593.pth'
+    file = hub_dir/'checkpoints'/'resnet34-b627a593.pth'
     file.parent.mkdir()
     torch.save(resnet34(pretrained=False).state_dict(), file)
+    return file
+
+def test_notebook_weights_cell_with_the_weights_cached(tmp_path, monkeypatch, capsys):
+    file = _cache_resnet34_weights(tmp_path)
     ns, out = _run_weights_cell(tmp_path, monkeypatch, capsys)
     assert ns['err'] is None and 'cached before: True; the pretrained model' in out
     assert torch.equal(ns['model'].conv1.weight, torch.load(file)['conv1.weight'])
 
 def test_notebook_weights_cell_fails_if_the_model_ignores_the_cache(tmp_path, monkeypatch, capsys):
     "The cell's check has teeth: a resnet34 that came back with other weights than the file's fails it."
-    torch.manual_seed(0)
-    file = tmp_path/'checkpoints'/'resnet34-b627a593.pth'
-    file.parent.mkdir()
-    torch.save(resnet34(pretrained=False).state_dict(), file)
+    _cache_resnet34_weights(tmp_path)
     monkeypatch.setitem(globals(), 'resnet34', lambda: __import__('torchvision').models.resnet34())
     with pytest.raises(AssertionError): _run_weights_cell(tmp_path, monkeypatch, capsys)
 
