@@ -14,12 +14,12 @@ from .data import (URLs, untar_data, data_home, DataBlock, ImageBlock, CategoryB
 from .augment import Resize, aug_transforms
 from .learner import load_learner, error_rate, accuracy, ExportFileError
 from .losses import CrossEntropyLossFlat
-from .lr_finder import minimum, steep, valley
+from .lr_finder import minimum, steep, valley, slide
 from .models import vision_learner, PretrainedWeightsError
 from .interpret import ClassificationInterpretation
 
 # %% auto #0
-__all__ = ['PRESETS', 'build_parser', 'resolve_config', 'find_images', 'pets_dataloaders', 'write_report', 'run_pets',
+__all__ = ['PRESETS', 'LR_PICK', 'build_parser', 'resolve_config', 'find_images', 'pets_dataloaders', 'write_report', 'run_pets',
            'predict_files', 'run_predict', 'main']
 
 # %% ../nbs/14_main_job.ipynb #fbe20b6c
@@ -31,6 +31,7 @@ PRESETS = {
     'book': dict(data='full', arch='resnet34', presize=460, size=224, min_scale=0.75, mult=1.0, bs=64,
                  epochs=2, freeze_epochs=1, lr=None, num_it=100, head='book', label_smoothing=0.0, valid_pct=0.2),
 }
+LR_PICK = 'minimum'  # the suggestion used when the preset or --lr 0 leaves the learning rate to the finder (notebook 05)
 
 # %% ../nbs/14_main_job.ipynb #d4e5970a
 def _int_at_least(lo:int, expected:str):
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--size', type=_positive_int, help="training image size in pixels")
     t.add_argument('--epochs', type=_nonneg_int, help="unfrozen epochs of fine_tune (0: keep the body frozen)")
     t.add_argument('--freeze-epochs', type=_nonneg_int, help="frozen epochs of fine_tune")
-    t.add_argument('--lr', type=float, help="base learning rate (0: the finder's 'valley' suggestion)")
+    t.add_argument('--lr', type=float, help=f"base learning rate (0: the finder's '{LR_PICK}' suggestion; notebook 05 measures why)")
     t.add_argument('--bs', type=_positive_int, help="batch size")
     t.add_argument('--seed', type=int, default=42, help="random seed for the split and training (default 42)")
     q = sub.add_parser('predict', help="predict the breed of images with a model trained by `pets`")
@@ -129,8 +130,12 @@ def write_report(out: Path, state: dict):
               f"- device: {m.get('device', '?')}", '']
     if 'arch_note' in m: lines += [f"**Backbone:** {m['arch_note']}", '']
     if 'lr_min' in m:
-        lines += ['## Learning-rate finder', '', f"Suggestions: minimum/10 = {m['lr_min']:.2e}, steepest = {m['lr_steep']:.2e}, "
-                  f"valley = {m['lr_valley']:.2e}; chosen base lr = {m['base_lr']:.2e} (from {m['lr_source']}).", '', '![lr_find](lr_find.png)', '']
+        lines += ['## Learning-rate finder', '', f"Suggestions: minimum/10 = {m['lr_min']:.2e}, steep = {m['lr_steep']:.2e}, "
+                  f"valley = {m['lr_valley']:.2e}, slide = {m['lr_slide']:.2e}; chosen base lr = {m['base_lr']:.2e} "
+                  f"(from {m['lr_source']}).", '', '![lr_find](lr_find.png)', '']
+        if m.get('lr_window', 99) <= 15:
+            lines[-4] += (f" With {m['lr_window']} points in the finder's window, slide's 15-point window does not fit: "
+                          "its value is only a rough reading.")
     if state.get('epochs'):
         lines += ['## Training', '', _table(state['epochs']), '![loss](loss.png)', '']
     if 'error_rate' in m:
@@ -165,6 +170,11 @@ def _learner(dls, cfg, m, chosen:bool):
         cfg['arch'] = offline
         return make(offline)
 
+def _finder_window(n_points:int, num_it:int) -> int:
+    "How many of the finder's points `suggest_lrs` reads (all of them when it stopped very early)."
+    n = n_points - 5 - num_it // 10
+    return n if n >= 2 else n_points
+
 def run_pets(args) -> int:
     "The `pets` subcommand: data, lr_find, fine_tune, interpretation; files into `args.out`. Returns the exit code."
     matplotlib.use('Agg')
@@ -181,11 +191,12 @@ def run_pets(args) -> int:
         learn = _learner(dls, cfg, m, chosen=args.arch is not None)
         learn.path = out
         state['step'] = 'lr_find'; write_report(out, state)
-        sugg = learn.lr_find(num_it=cfg['num_it'], suggest_funcs=(minimum, steep, valley))
+        sugg = learn.lr_find(num_it=cfg['num_it'], suggest_funcs=(minimum, steep, valley, slide))
         _savefig(out/'lr_find.png')
-        m.update(lr_min=float(sugg.minimum), lr_steep=float(sugg.steep), lr_valley=float(sugg.valley))
-        m['base_lr'] = float(cfg['lr'] or sugg.valley)
-        m['lr_source'] = 'the preset or --lr' if cfg['lr'] else "the finder's valley suggestion"
+        m.update(lr_min=float(sugg.minimum), lr_steep=float(sugg.steep), lr_valley=float(sugg.valley),
+                 lr_slide=float(sugg.slide), lr_window=_finder_window(len(learn.lr_find_result.lrs), cfg['num_it']))
+        m['base_lr'] = float(cfg['lr'] or getattr(sugg, LR_PICK))
+        m['lr_source'] = 'the preset or --lr' if cfg['lr'] else f"the finder's {LR_PICK} suggestion"
         state['step'] = 'fine_tune'; write_report(out, state)
         try: learn.fine_tune(cfg['epochs'], base_lr=m['base_lr'], freeze_epochs=cfg['freeze_epochs'])
         finally: state['epochs'] = [dict(r) for r in learn.history.rows]

@@ -82,39 +82,45 @@ def steep(lrs, losses) -> float:
     slopes = np.diff(losses) / np.diff(np.log(lrs))
     return float(lrs[np.argmin(slopes)])
 
-def _longest_decreasing(losses) -> tuple:
-    "(first, last) index of the longest strictly decreasing subsequence of `losses` (earliest one on ties)."
-    n = len(losses)
-    length, prev = [1] * n, [-1] * n
-    for i in range(n):
+def _decreasing_lengths(losses) -> list:
+    "For each point, the length of the longest strictly decreasing subsequence of `losses` that ends there."
+    length = [1] * len(losses)
+    for i in range(len(losses)):
         for j in range(i):
-            if losses[j] > losses[i] and length[j] + 1 > length[i]: length[i], prev[i] = length[j] + 1, j
-    last = int(np.argmax(length))
-    first = last
-    while prev[first] != -1: first = prev[first]
-    return first, last
+            if losses[j] > losses[i]: length[i] = max(length[i], length[j] + 1)
+    return length
 
 def valley(lrs, losses) -> float:
-    """Learning rate about halfway into the longest decreasing run of the loss curve.
+    """fastai's `valley`: take the longest strictly decreasing subsequence of the losses (the earliest one to end, on
+    ties), pretend it is a contiguous run by counting its length back from its end, and go a third plus a sixth of
+    the way into that run (both rounded down).
 
-    >>> valley([1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.], [1.0, 2.0, 1.8, 1.5, 1.1, 3.0])
-    0.001
+    >>> valley(range(1, 11), [9, 8, 7, 6, 5, 4, 3, 2, 1, 5])   # run 0..8, 9 long: it "starts" at -1; -1 + 3 + 1 = 3
+    4.0
     """
     lrs, losses = _np(lrs), _np(losses)
-    first, last = _longest_decreasing(losses)
-    return float(lrs[first + (last - first) // 2])
+    length = _decreasing_lengths(losses)
+    end = int(np.argmax(length))
+    if length[end] == 1: return float(lrs[0])       # nothing ever decreases
+    start = end - length[end]                        # one point before the run, when the run is contiguous
+    third = (end - start) / 3
+    return float(lrs[max(start + int(third) + int(third / 2), 0)])
 
 def slide(lrs, losses, lr_diff:int=15, thresh:float=0.005, adjust_value:float=1.) -> float:
-    """Slide a window of `lr_diff` points left from the right end until the loss gradients at its two ends differ by
-    at most `thresh`; return the learning rate at its left end (times `adjust_value`)."""
+    """fastai's `slide`: a window of `lr_diff` points starts at the right end of the curve and moves left one point at
+    a time until the loss gradients at its two ends differ by at most `thresh`. The suggestion is the left end of the
+    last window that failed that test (of the first window if it passed at once, the first point if none passed),
+    times `adjust_value`. On a curve of `lr_diff` points or fewer the window is the whole curve (fastai raises there).
+
+    >>> slide(range(1, 21), [20. - i for i in range(20)])   # a straight line passes at once: window 4..19
+    5.0
+    """
     lrs, losses = _np(lrs), _np(losses)
+    lr_diff = min(lr_diff, len(losses) - 1)
     grad = np.gradient(losses)
-    right = len(losses) - 1
-    while right - lr_diff >= 0:
-        left = right - lr_diff
-        if abs(grad[right] - grad[left]) <= thresh: return float(lrs[left] * adjust_value)
-        right -= 1
-    return float(lrs[0] * adjust_value)
+    first_left = left = len(losses) - 1 - lr_diff
+    while left >= 0 and abs(grad[left + lr_diff] - grad[left]) > thresh: left -= 1
+    return float(lrs[min(left + 1, first_left)] * adjust_value)
 
 # %% ../nbs/05_lr_finder.ipynb #e48e7458
 SuggestedLRs = namedtuple('SuggestedLRs', ['minimum', 'steep'])

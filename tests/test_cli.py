@@ -56,6 +56,11 @@ def test_short_run_writes_everything_and_predict_reads_it(tmp_path, capsys):
     assert m['status'] == 'finished' and m['n_valid'] == 59 and m['n_classes'] == 37 and 0 <= m['accuracy'] <= 1
     report = (out/'report.md').read_text()
     assert 'Final validation error rate' in report and 'Most confused' in report and 'lr_find.png' in report
+    finder = next(l for l in report.splitlines() if l.startswith('Suggestions:'))
+    for name, key in [('minimum/10', 'lr_min'), ('steep', 'lr_steep'), ('valley', 'lr_valley'), ('slide', 'lr_slide')]:
+        assert f'{name} = {m[key]:.2e}' in finder, name
+    assert 'from the preset or --lr' in finder and m['base_lr'] == 1e-2
+    assert m['lr_window'] <= 13 and "slide's 15-point window does not fit" in finder   # the preset's 20 iterations
     capsys.readouterr()
 
     bad = tmp_path/'notes.jpg'; bad.write_text('not an image')
@@ -108,11 +113,13 @@ def test_book_preset_offline_falls_back_to_the_offline_backbone_and_says_so(tmp_
         return real(dls, arch, **kw)
     monkeypatch.setattr(cli, 'vision_learner', no_resnet_weights)
     out = tmp_path/'book'
-    assert main(['pets', '--out', str(out), '--preset', 'book', '--data', str(SAMPLE), *QUICK]) == 0
+    assert main(['pets', '--out', str(out), '--preset', 'book', '--data', str(SAMPLE), *QUICK, '--lr', '0']) == 0
     err = capsys.readouterr().err
     assert 'resnet34 (the preset\'s default) has no ImageNet weights here' in err and 'efficientnet_lite2 instead' in err
     m = json.loads((out/'metrics.json').read_text())
     assert m['config']['arch'] == 'efficientnet_lite2' and 'arch_note' in m
+    key = {'minimum': 'lr_min', 'steep': 'lr_steep', 'valley': 'lr_valley', 'slide': 'lr_slide'}[cli.LR_PICK]
+    assert m['base_lr'] == m[key] and m['lr_source'] == f"the finder's {cli.LR_PICK} suggestion"   # --lr 0
     assert '**Backbone:** resnet34' in (out/'report.md').read_text()
     # asked for by name: no substitution, a clear failure
     assert main(['pets', '--out', str(tmp_path/'insist'), '--preset', 'book', '--arch', 'resnet34', '--data', str(SAMPLE), *QUICK]) == 1

@@ -54,18 +54,59 @@ def test_steep():
     assert steep(lrs, [2., 1.8, 1.6, 1.5, 3.]) == pytest.approx(1e-2)
 
 
-def test_valley():
-    assert valley(LRS, CURVE) == pytest.approx(LRS[39])
-    # the longest decreasing *subsequence* skips a noisy bump inside the run
-    losses = [5., 4., 3.5, 3.7, 3., 2., 1., 4., 6.]
-    assert valley(range(1, 10), losses) == pytest.approx(4.)   # run 0..6 (bump 3.7 skipped): halfway is index 3
+# Expected indices below were computed with fastai 2.8.12's own suggestion functions on the same curves
+# (bench/lr_find_vs_fastai.py re-checks a recorded curve whenever fastai is installed beside the project).
+
+def test_valley_matches_fastai():
+    # contiguous run 20..59: counted back from 59 it starts at 19; 19 + int(40/3) + int(40/6) = 38
+    assert valley(LRS, CURVE) == pytest.approx(LRS[38])
+    assert valley([1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.], [1.0, 2.0, 1.8, 1.5, 1.1, 3.0]) == pytest.approx(1e-4)
 
 
-def test_slide():
-    assert slide(LRS, CURVE) == pytest.approx(LRS[43])
-    assert slide(LRS, CURVE, adjust_value=0.5) == pytest.approx(LRS[43] * 0.5)
-    # a curve that never settles gives the first lr
-    assert slide(LRS[:20], np.arange(20.) ** 3) == pytest.approx(LRS[0])
+def test_valley_counts_back_from_the_end_when_the_subsequence_skips_points():
+    # losses 9 -> 1 over points 0..16 with 7 bumps: the subsequence has 10 points, so it "starts" at 16 - 10 = 6,
+    # and valley is 6 + 3 + 1 = 10, not the middle of the true subsequence (8)
+    bumpy = [9, 9.5, 8, 8.5, 7, 7.5, 6, 6.5, 5, 5.5, 4, 4.5, 3, 3.5, 2, 1.5, 1, 3, 6]
+    lrs = np.logspace(-5, 0, len(bumpy))
+    assert valley(lrs, bumpy) == pytest.approx(lrs[10])
+
+
+def test_valley_edge_cases():
+    assert valley([1., 2., 3.], [1., 2., 3.]) == 1.          # nothing decreases: the first point (as fastai)
+    assert valley(range(1, 8), [7., 6., 5., 4., 3., 2., 1.]) == pytest.approx(3.)   # starts at -1: -1 + 2 + 1 = 2
+    # the longest run is the first two points: fastai's index comes out as -1 and wraps to the last point; we clamp
+    assert valley(range(1, 8), [0.9, -0.14, 0.97, 1.31, 1.94, 1.4, 1.68]) == 1.
+
+
+def test_slide_matches_fastai():
+    # the first window that passes is 43..58: slide is the left end of the last one that failed, 44
+    assert slide(LRS, CURVE) == pytest.approx(LRS[44])
+    assert slide(LRS, CURVE, adjust_value=0.5) == pytest.approx(LRS[44] * 0.5)
+    line = [20. - i for i in range(20)]                         # passes at once: the first window's left end
+    assert slide(range(1, 21), line) == pytest.approx(5.)
+    assert slide(LRS[:20], np.arange(20.) ** 3) == pytest.approx(LRS[0])   # never settles: the first lr
+
+
+def test_slide_on_a_curve_shorter_than_its_window_uses_the_whole_curve():
+    assert slide([1., 2., 3., 4.], [4., 3., 2., 1.]) == 1.    # window of 3 on 4 points passes at once
+    assert slide([1., 2., 3., 4., 5.], [1., 1., 1., 5., 30.]) == 1.   # the only window fails: the first point
+
+
+def early_stop_curve():
+    "A finder run asked for 100 iterations that stopped after 47 (the window is then points 10..41)."
+    lrs = [exp_lr(1e-7, 10, i, 100) for i in range(47)]
+    losses = [3 - 1.5 / (1 + math.exp(-(i - 25) / 4)) + 0.05 * math.sin(i * 1.7) + (0.3 * (i - 40) ** 2 if i > 40 else 0)
+              for i in range(47)]
+    return lrs, losses
+
+
+def test_suggestions_on_an_early_stop_match_fastai():
+    lrs, losses = early_stop_curve()
+    s = suggest_lrs(lrs, losses, 100, (minimum, steep, valley, slide))
+    assert s.minimum == pytest.approx(lrs[40] / 10)
+    assert s.steep == pytest.approx(lrs[27])
+    assert s.valley == pytest.approx(lrs[27])
+    assert s.slide == pytest.approx(lrs[10])
 
 
 def test_suggest_lrs_window_and_namedtuple():
