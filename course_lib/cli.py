@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import matplotlib
 from .data import (URLs, untar_data, data_home, DataBlock, ImageBlock, CategoryBlock, get_image_files,
-                             RandomSplitter, RegexLabeller, using_attr, UnreadableImageError, DownloadError)
+                             RandomSplitter, RegexLabeller, using_attr, UnreadableImageError, DownloadError, atomic_write)
 from .augment import Resize, aug_transforms
 from .learner import load_learner, error_rate, accuracy, ExportFileError
 from .losses import CrossEntropyLossFlat
@@ -116,6 +116,13 @@ def _table(rows) -> str:
     lines += ['| ' + ' | '.join(fmt(r.get(k)) for k in keys) + ' |' for r in rows]
     return '\n'.join(lines) + '\n'
 
+_OUTPUT_FILES = ('lr_find.png', 'loss.png', 'confusion.png', 'model.pth')   # besides report.md and metrics.json
+
+def _image(name, state) -> str:
+    "A link to this run's plot, or a line saying it was not made (an earlier run's file may still be there)."
+    made = f'{name}.png' in state.get('written', [])
+    return f'![{name}]({name}.png)' if made else f'({name}.png: not made by this run)'
+
 def write_report(out: Path, state: dict):
     "Write `report.md` and `metrics.json` in `out` from what the run has done so far."
     cfg, m = state['config'], state['metrics']
@@ -132,28 +139,33 @@ def write_report(out: Path, state: dict):
     if 'lr_min' in m:
         lines += ['## Learning-rate finder', '', f"Suggestions: minimum/10 = {m['lr_min']:.2e}, steep = {m['lr_steep']:.2e}, "
                   f"valley = {m['lr_valley']:.2e}, slide = {m['lr_slide']:.2e}; chosen base lr = {m['base_lr']:.2e} "
-                  f"(from {m['lr_source']}).", '', '![lr_find](lr_find.png)', '']
+                  f"(from {m['lr_source']}).", '', _image('lr_find', state), '']
         if m.get('lr_window', 99) <= 15:
             lines[-4] += (f" With {m['lr_window']} points in the finder's window, slide's 15-point window does not fit: "
                           "its value is only a rough reading.")
     if state.get('epochs'):
-        lines += ['## Training', '', _table(state['epochs']), '![loss](loss.png)', '']
+        lines += ['## Training', '', _table(state['epochs']), _image('loss', state), '']
     if 'error_rate' in m:
         lines += ['## Result', '', f"Final validation error rate **{m['error_rate']:.3f}** (accuracy {m['accuracy']:.3f}) on "
                   f"{m['n_valid']} photos the model never trained on. Total time {m['seconds_total']:.0f} s.", '']
     if state.get('most_confused') is not None:
         lines += ['## Most confused', '', '| actual | predicted | count |', '|---|---|---|']
         lines += [f'| {a} | {p} | {n} |' for a, p, n in state['most_confused'][:15]] or ['| (none) | | |']
-        lines += ['', '![confusion](confusion.png)', '']
+        lines += ['', _image('confusion', state), '']
     if 'model' in m: lines += [f"Model: `{m['model']}` (use `course-lib predict {out} IMAGE...`).", '']
-    (out/'report.md').write_text('\n'.join(lines))
-    (out/'metrics.json').write_text(json.dumps({'status': state['status'], 'step': state['step'], 'preset': state['preset'],
-                                                 'config': cfg, **m, 'epochs': state.get('epochs', [])}, indent=1, default=str))
+    if earlier := [f for f in state.get('earlier', []) if f not in state.get('written', [])]:
+        lines += [f"Left in this folder by an earlier run, not this one's: {', '.join(f'`{f}`' for f in earlier)}.", '']
+    metrics = {'status': state['status'], 'step': state['step'], 'preset': state['preset'], 'config': cfg, **m,
+               'files': state.get('written', []), 'earlier_files': earlier, 'epochs': state.get('epochs', [])}
+    for name, text in (('report.md', '\n'.join(lines)), ('metrics.json', json.dumps(metrics, indent=1, default=str))):
+        with atomic_write(out/name, 'w', encoding='utf-8') as f: f.write(text)
 
 # %% ../nbs/14_main_job.ipynb #2c9f0199
 def _savefig(path):
     import matplotlib.pyplot as plt
-    plt.gcf().savefig(path, dpi=90, bbox_inches='tight'); plt.close('all')
+    try:
+        with atomic_write(path) as f: plt.gcf().savefig(f, format=Path(path).suffix[1:], dpi=90, bbox_inches='tight')
+    finally: plt.close('all')
 
 def _learner(dls, cfg, m, chosen:bool):
     "The preset's learner; if the preset's default backbone has no weights here, the offline one, said out loud."
@@ -175,13 +187,20 @@ def _finder_window(n_points:int, num_it:int) -> int:
     n = n_points - 5 - num_it // 10
     return n if n >= 2 else n_points
 
+def _last_report(out, state):
+    "The report of a run that stopped; a disk that is full (the likely reason) must not turn it into a traceback."
+    try: write_report(out, state)
+    except OSError as e: print(f"course-lib pets: could not write the report either: {e}", file=sys.stderr)
+
 def run_pets(args) -> int:
     "The `pets` subcommand: data, lr_find, fine_tune, interpretation; files into `args.out`. Returns the exit code."
     matplotlib.use('Agg')
     out = Path(args.out); out.mkdir(parents=True, exist_ok=True)
     cfg = resolve_config(args)
-    state = {'config': cfg, 'preset': args.preset, 'status': 'running', 'step': 'data', 'metrics': {}, 'epochs': []}
+    state = {'config': cfg, 'preset': args.preset, 'status': 'running', 'step': 'data', 'metrics': {}, 'epochs': [],
+             'written': [], 'earlier': [f for f in _OUTPUT_FILES if (out/f).exists()]}
     m, t0 = state['metrics'], time.time()
+    def plot(name): _savefig(out/name); state['written'].append(name)
     torch.manual_seed(cfg['seed'])
     try:
         print(f"course-lib pets: {cfg['arch']}, images from {cfg['images']}", flush=True)
@@ -192,7 +211,7 @@ def run_pets(args) -> int:
         learn.path = out
         state['step'] = 'lr_find'; write_report(out, state)
         sugg = learn.lr_find(num_it=cfg['num_it'], suggest_funcs=(minimum, steep, valley, slide))
-        _savefig(out/'lr_find.png')
+        plot('lr_find.png')
         m.update(lr_min=float(sugg.minimum), lr_steep=float(sugg.steep), lr_valley=float(sugg.valley),
                  lr_slide=float(sugg.slide), lr_window=_finder_window(len(learn.lr_find_result.lrs), cfg['num_it']))
         m['base_lr'] = float(cfg['lr'] or getattr(sugg, LR_PICK))
@@ -200,14 +219,14 @@ def run_pets(args) -> int:
         state['step'] = 'fine_tune'; write_report(out, state)
         try: learn.fine_tune(cfg['epochs'], base_lr=m['base_lr'], freeze_epochs=cfg['freeze_epochs'])
         finally: state['epochs'] = [dict(r) for r in learn.history.rows]
-        learn.recorder.plot_loss(); _savefig(out/'loss.png')
+        learn.recorder.plot_loss(); plot('loss.png')
         state['step'] = 'interpretation'; write_report(out, state)
         interp = ClassificationInterpretation.from_learner(learn)
         m['accuracy'], m['error_rate'] = (float(f(interp.probs, interp.targs)) for f in (accuracy, error_rate))
         state['most_confused'] = interp.most_confused()
-        interp.plot_confusion_matrix(); _savefig(out/'confusion.png')
+        interp.plot_confusion_matrix(); plot('confusion.png')
         state['step'] = 'export'
-        m['model'] = str(learn.export('model.pth'))
+        m['model'] = str(learn.export('model.pth')); state['written'].append('model.pth')
         m['seconds_total'] = time.time() - t0
         state['status'] = 'finished'
         write_report(out, state)
@@ -215,13 +234,13 @@ def run_pets(args) -> int:
         return 0
     except KeyboardInterrupt:
         state['status'] = 'interrupted'; m['seconds_total'] = time.time() - t0
-        write_report(out, state)
+        _last_report(out, state)
         print(f"\ncourse-lib pets: interrupted during '{state['step']}'. {out} keeps what finished; see {out/'report.md'}.",
               file=sys.stderr)
         return 130
     except (PretrainedWeightsError, UnreadableImageError, ValueError, OSError) as e:
         state['status'] = 'failed'; m['error'] = str(e)
-        write_report(out, state)
+        _last_report(out, state)
         print(f"course-lib pets: failed during '{state['step']}': {e}", file=sys.stderr)
         return 1
 

@@ -4,10 +4,11 @@
 
 # %% ../nbs/01_data.ipynb #54b4115e
 from __future__ import annotations
-import hashlib, os, pathlib, random, re, shutil, socket, tarfile, tempfile, threading, warnings, zipfile
+import errno, glob, hashlib, os, pathlib, random, re, shutil, socket, tarfile, tempfile, threading, warnings, zipfile
 import urllib.error, urllib.request
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -15,12 +16,12 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['CHECKSUMS', 'image_extensions', 'MAX_IMAGE_PIXELS', 'Children', 'Path', 'data_home', 'URLs', 'DownloadError',
-           'ChecksumError', 'file_hash', 'check_file', 'download_url', 'UnsafeArchiveError', 'safe_extract',
-           'make_pets_sample', 'untar_data', 'get_image_files', 'RegexLabeller', 'using_attr', 'parent_label',
-           'RandomSplitter', 'GrandparentSplitter', 'UnreadableImageError', 'load_image', 'ImageBlock', 'CategoryBlock',
-           'image_to_tensor', 'ItemTransform', 'FuncItemTransform', 'ImageCache', 'default_device', 'DataLoader',
-           'show_images', 'register_tfm', 'DataLoaders', 'DataBlock']
+__all__ = ['CHECKSUMS', 'image_extensions', 'MAX_IMAGE_PIXELS', 'Children', 'Path', 'data_home', 'URLs', 'DiskFullError',
+           'atomic_write', 'DownloadError', 'ChecksumError', 'file_hash', 'check_file', 'download_url',
+           'UnsafeArchiveError', 'safe_extract', 'make_pets_sample', 'untar_data', 'get_image_files', 'RegexLabeller',
+           'using_attr', 'parent_label', 'RandomSplitter', 'GrandparentSplitter', 'UnreadableImageError', 'load_image',
+           'ImageBlock', 'CategoryBlock', 'image_to_tensor', 'ItemTransform', 'FuncItemTransform', 'ImageCache',
+           'default_device', 'DataLoader', 'show_images', 'register_tfm', 'DataLoaders', 'DataBlock']
 
 # %% ../nbs/01_data.ipynb #2adee0c9
 class Children(list):
@@ -74,6 +75,73 @@ CHECKSUMS = {
     URLs.HOTDOG: ('sha1', 'fba480ffa8aa7e0febbb511d181409f899b9baa5', None),
 }
 
+# %% ../nbs/01_data.ipynb #f2455b8e
+class DiskFullError(OSError):
+    "The disk filled up while a file was written by `atomic_write`; the previous file, if any, is untouched."
+    def __init__(self, msg:str): super().__init__(errno.ENOSPC, msg)
+    def __str__(self): return self.strerror   # one line, without OSError's "[Errno 28]" in front
+
+_UMASK = os.umask(0o022); os.umask(_UMASK)   # read once: our files get the usual permissions, not mkstemp's 0600
+
+def _process_gone(pid:int) -> bool:
+    if os.name == 'nt' or pid == os.getpid(): return False   # on Windows os.kill(pid, 0) would terminate the process
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return True
+    except OSError: return False
+    return False
+
+def _stale_temps(path:Path) -> list:
+    "Temporary files left beside `path` by `atomic_write`s whose process was killed before it could remove them."
+    prefix = f'.{path.name}.'
+    pids = {t: t.name[len(prefix):].split('.')[0] for t in path.parent.glob(f'.{glob.escape(path.name)}.*.tmp')}
+    return [t for t, pid in pids.items() if pid.isdigit() and _process_gone(int(pid))]
+
+def _mb(n) -> str: return f'{n / 1e9:.1f} GB' if n >= 1e9 else f'{n / 1e6:.1f} MB'
+
+def _disk_full(e:BaseException) -> bool:
+    "Is `e`, or an error it was raised while handling, ENOSPC? (`torch.save` turns ENOSPC into a RuntimeError.)"
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC: return True
+        e = e.__cause__ or e.__context__
+    return False
+
+def _fsync_dir(folder:Path):
+    "Make the rename itself durable (POSIX); Windows cannot open a folder for this and does not need it."
+    if os.name == 'nt': return
+    try: fd = os.open(folder, os.O_RDONLY)
+    except OSError: return
+    try: os.fsync(fd)
+    except OSError: pass
+    finally: os.close(fd)
+
+@contextmanager
+def atomic_write(path, mode:str='wb', encoding:str=None, size_hint:int=None):
+    """Open a temporary file beside `path` for writing; when the block ends without an error, flush and `fsync` it and
+    `os.replace` it onto `path`. On any error the temporary file is removed and `path` keeps its previous content; a
+    full disk raises `DiskFullError` (`size_hint`: the bytes the file will need, for that message)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in _stale_temps(path): stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.{os.getpid()}.', suffix='.tmp')
+    os.close(fd); tmp = Path(tmp)
+    try:
+        with open(tmp, mode, encoding=encoding) as f:
+            yield f
+            f.flush(); os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException as e:
+        written = tmp.stat().st_size if tmp.exists() else 0
+        tmp.unlink(missing_ok=True)
+        if _disk_full(e) and not isinstance(e, DiskFullError):
+            need = f'it needs about {_mb(size_hint)}' if size_hint else f'{_mb(written)} had been written'
+            kept = f'the previous {path.name} is untouched' if path.exists() else 'nothing was kept'
+            free = _mb(shutil.disk_usage(path.parent).free)
+            raise DiskFullError(f"{path}: the disk is full ({need}; {free} free there); {kept}. "
+                                "Free some space or write somewhere else") from None
+        raise
+    _fsync_dir(path.parent)
+
 # %% ../nbs/01_data.ipynb #f5c157f7
 class DownloadError(OSError):
     "A dataset could not be downloaded."
@@ -93,8 +161,8 @@ def _by_hand_hint(url, dest):
     return (f"If you are offline or the server is unreachable, download {url} with a browser or another machine "
             f"and place the file at {dest}, then run this again.")
 
-def check_file(path, checksum) -> None:
-    "Raise `ChecksumError` (after deleting `path`) unless the file matches `checksum=(algo, digest, size)`."
+def check_file(path, checksum, name:str=None, delete:bool=True) -> None:
+    "Raise `ChecksumError` (after deleting `path` if `delete`) unless the file matches `checksum=(algo, digest, size)`."
     algo, digest, size = checksum
     path = Path(path)
     got_size = path.stat().st_size
@@ -102,35 +170,30 @@ def check_file(path, checksum) -> None:
     if size is not None and got_size != size: problem = f"its size is {got_size:,} bytes, expected {size:,}"
     elif (got := file_hash(path, algo)) != digest: problem = f"its {algo} is {got}, expected {digest}"
     if problem:
-        path.unlink()
-        raise ChecksumError(f"{path.name}: {problem}. The file was deleted. Download it again; if this keeps happening "
-                            f"the file on the server has changed, so report it to the course maintainers.")
+        if delete: path.unlink()
+        raise ChecksumError(f"{name or path.name}: {problem}. The file was deleted. Download it again; if this keeps "
+                            f"happening the file on the server has changed, so report it to the course maintainers.")
 
 def download_url(url, dest, checksum=None, timeout=10., show_progress=True) -> Path:
-    "Download `url` to `dest` through a temporary file; verify `checksum=(algo, digest, size)` if given."
+    "Download `url` to `dest` with `atomic_write`; verify `checksum=(algo, digest, size)` before it replaces `dest`."
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{dest.name}.part-{os.getpid()}")
-    try:
-        try: resp = urllib.request.urlopen(url, timeout=timeout)
-        except (urllib.error.URLError, socket.timeout, ConnectionError) as e:
-            raise DownloadError(f"Could not download {url}: {getattr(e, 'reason', e)}. {_by_hand_hint(url, dest)}") from None
-        with resp, open(tmp, 'wb') as f:
-            total = int(resp.headers.get('Content-Length') or 0) or None
-            with tqdm(total=total, unit='B', unit_scale=True, desc=dest.name, disable=not show_progress) as bar:
-                try:
-                    while block := resp.read(1 << 20):
-                        f.write(block); bar.update(len(block))
-                except (socket.timeout, ConnectionError, urllib.error.URLError) as e:
-                    raise DownloadError(f"The download of {url} broke off: {e}. Nothing was kept; run it again. "
-                                        + _by_hand_hint(url, dest)) from None
-        if total is not None and tmp.stat().st_size != total:
-            raise DownloadError(f"The download of {url} stopped after {tmp.stat().st_size:,} of {total:,} bytes. "
+    try: resp = urllib.request.urlopen(url, timeout=timeout)
+    except (urllib.error.URLError, socket.timeout, ConnectionError) as e:
+        raise DownloadError(f"Could not download {url}: {getattr(e, 'reason', e)}. {_by_hand_hint(url, dest)}") from None
+    total = int(resp.headers.get('Content-Length') or 0) or None
+    with resp, atomic_write(dest, size_hint=total) as f:
+        with tqdm(total=total, unit='B', unit_scale=True, desc=dest.name, disable=not show_progress) as bar:
+            try:
+                while block := resp.read(1 << 20):
+                    f.write(block); bar.update(len(block))
+            except (socket.timeout, ConnectionError, urllib.error.URLError) as e:
+                raise DownloadError(f"The download of {url} broke off: {e}. Nothing was kept; run it again. "
+                                    + _by_hand_hint(url, dest)) from None
+        if total is not None and f.tell() != total:
+            raise DownloadError(f"The download of {url} stopped after {f.tell():,} of {total:,} bytes. "
                                 "Nothing was kept; run it again.")
-        if checksum: check_file(tmp, checksum)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+        f.flush()
+        if checksum: check_file(f.name, checksum, name=dest.name, delete=False)   # atomic_write deletes it
     return dest
 
 # %% ../nbs/01_data.ipynb #ccb2b843

@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 
 from .losses import CrossEntropyLossFlat
+from .data import atomic_write
 
 # %% ../nbs/04_learner.ipynb #e1473359
 class CancelFitException(Exception):
@@ -688,14 +689,20 @@ def fit_one_cycle(self:Learner, n_epoch:int, lr_max=None, div:float=25., div_fin
     self.fit(n_epoch, lr=lr_max, wd=wd, cbs=[ParamScheduler(scheds)] + list(cbs or []), auto_bs=auto_bs)
 
 # %% ../nbs/04_learner.ipynb #39083772
+def _nbytes(o) -> int:
+    "Bytes of the tensors in a nest of dicts, lists and tuples: about what `torch.save` will write."
+    if isinstance(o, Tensor): return o.numel() * o.element_size()
+    if isinstance(o, dict): return sum(_nbytes(v) for v in o.values())
+    if isinstance(o, (list, tuple)): return sum(_nbytes(v) for v in o)
+    return 0
+
 @patch_to(Learner)
 def save(self:Learner, name:str, with_opt:bool=True) -> Path:
     "Save model weights (and optimiser state) to `self.path/self.model_dir/{name}.pth`."
     file = self.path/self.model_dir/f'{name}.pth'
-    file.parent.mkdir(parents=True, exist_ok=True)
     state = {'model': self.model.state_dict()}
     if with_opt and self.opt is not None: state['opt'] = self.opt.state_dict()
-    torch.save(state, file)
+    with atomic_write(file, size_hint=_nbytes(state)) as f: torch.save(state, f)   # the old file survives a crash
     return file
 
 @patch_to(Learner)
@@ -786,8 +793,7 @@ def export(self:Learner, fname='export.pth', model_spec:dict=None) -> Path:
     state = {'format': _export_format, 'version': _export_version, 'model_spec': spec, 'dls_config': cfg,
              'model_state': {k: v.detach().cpu() for k, v in self.model.state_dict().items()}}
     file = self.path/fname
-    file.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, file)
+    with atomic_write(file, size_hint=_nbytes(state)) as f: torch.save(state, f)
     return file
 
 def _first_line(e) -> str: return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
