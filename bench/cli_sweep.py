@@ -1,6 +1,7 @@
 """`course-lib pets` (the sample preset) over several seeds and backbones: validation accuracy and wall time per run.
 
-    COURSE_LIB_DATA=../shared/data .venv/bin/python bench/cli_sweep.py --archs efficientnet_lite0 efficientnet_lite2 --seeds 42 1 2 3 4
+    COURSE_LIB_DATA=../shared/data .venv/bin/python bench/cli_sweep.py \
+--archs efficientnet_lite0 efficientnet_lite2 --seeds 42 1 2 3 4
 
 Each run is a fresh `python -m course_lib pets` process, so the wall time includes start-up, data, lr_find, training,
 interpretation and export, as a user sees it. The seed moves the train/validation split too, so the spread over seeds
@@ -14,7 +15,8 @@ def parse():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--archs', nargs='+', default=['efficientnet_lite0', 'efficientnet_lite2'])
     p.add_argument('--seeds', type=int, nargs='+', default=[42, 1, 2, 3, 4])
-    p.add_argument('--extra', nargs=argparse.REMAINDER, default=[], help='more `course-lib pets` flags, e.g. --size 260')
+    p.add_argument('--extra', nargs=argparse.REMAINDER, default=[],
+                   help='more `course-lib pets` flags, e.g. --size 260')
     return p.parse_args()
 
 def run(arch, seed, extra, out):
@@ -36,8 +38,8 @@ def main():
                 acc, wall, n = run(arch, s, a.extra, Path(tmp)/f'{arch}-{s}')
                 accs.append(acc); walls.append(wall)
                 print(f"{arch} seed {s:>3}: accuracy {acc:.4f} ({round(acc * n)}/{n})  wall {wall:.1f} s", flush=True)
-            print(f"{arch}: mean accuracy {np.mean(accs):.4f} (min {min(accs):.4f}, max {max(accs):.4f}) over seeds {a.seeds}; "
-                  f"wall mean {np.mean(walls):.1f} s, max {max(walls):.1f} s", flush=True)
+            print(f"{arch}: mean accuracy {np.mean(accs):.4f} (min {min(accs):.4f}, max {max(accs):.4f}) "
+                  f"over seeds {a.seeds}; wall mean {np.mean(walls):.1f} s, max {max(walls):.1f} s", flush=True)
     print(f"load average {os.getloadavg()[0]:.2f} at end")
 
 if __name__ == '__main__': main()

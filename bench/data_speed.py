@@ -30,5 +30,6 @@ for p in range(args.passes):
         k += len(xb)
     per_pass.append(k / (time.time() - tp)); n += k
 dt = time.time() - t
-print(f"course_lib {n/dt:.1f} img/s ({n} images in {dt:.1f}s; per pass: {', '.join(f'{v:.0f}' for v in per_pass)} img/s; "
+print(f"course_lib {n/dt:.1f} img/s ({n} images in {dt:.1f}s; "
+      f"per pass: {', '.join(f'{v:.0f}' for v in per_pass)} img/s; "
       f"device {dls.device}, {torch.get_num_threads()} torch threads, setup {t_setup:.1f}s)")

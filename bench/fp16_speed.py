@@ -31,7 +31,7 @@ def _arch_kind(arch:str) -> str:
     if arch in torchvision.models.list_models(module=torchvision.models): return 'torchvision'
     from course_lib import models
     if arch.startswith('efficientnet_lite') and hasattr(models, arch): return 'lite'
-    from course_lib.learner import registered_models
+    from course_lib.export import registered_models
     if arch in registered_models(): return 'registered'
     raise SystemExit(f"unknown --arch {arch!r}: use a torchvision classification model name (resnet18, resnet50, ...), "
                      f"efficientnet_lite0-2, or one of {registered_models()}")
@@ -45,7 +45,7 @@ def build_model(arch:str, n_out:int) -> nn.Module:
     if kind == 'lite':
         from course_lib import models
         return models.vision_model(arch=arch, n_out=n_out, pretrained=False)
-    from course_lib.learner import create_model
+    from course_lib.export import create_model
     return create_model(arch, n_out=n_out)
 
 class _Batches:
@@ -56,9 +56,13 @@ class _Batches:
 
 def run_one(mode:str, a) -> dict:
     "Train `a.warmup + a.steps` batches in `mode` ('fp32', 'fp16', 'bf16'); time the last `a.steps`."
-    from course_lib.data import DataLoaders
-    from course_lib.learner import Learner, Callback, ProgressCallback
-    from course_lib.fp16 import MixedPrecision, _sync
+    from course_lib.loader import DataLoaders
+    from course_lib.learner import Learner, Callback
+    from course_lib.progress import ProgressCallback
+    from course_lib.fp16 import MixedPrecision
+    from course_lib._utils import sync_device
+    from course_lib.cpu import tune_malloc
+    tune_malloc()
     device = torch.device(a.device)
     if a.threads: torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -68,9 +72,10 @@ def run_one(mode:str, a) -> dict:
     yb = torch.randint(0, a.classes, (a.bs,), device=device)
     dls = DataLoaders(_Batches(xb, yb, a.warmup + a.steps), _Batches(xb[:1], yb[:1], 1), device=device)
 
-    def clock(): _sync(device); return time.perf_counter()
+    def clock(): sync_device(device); return time.perf_counter()
     class Timer(Callback):
-        "The clock after the last warm-up batch and after the last timed one (no sync in between: the GPU keeps its queue)."
+        """The clock after the last warm-up batch and after the last timed one (no sync in between: the GPU keeps its
+        queue)."""
         order = 100
         def after_batch(self):
             if self.learn.training and self.learn.iter == a.warmup - 1: self.t_warm = clock()
@@ -98,7 +103,8 @@ def main(argv=None):
     p.add_argument('--size', type=int, default=224)
     p.add_argument('--steps', type=int, default=20, help='timed training steps per mode')
     p.add_argument('--warmup', type=int, default=2, help='untimed training steps first (cudnn/oneDNN kernel selection)')
-    p.add_argument('--dtype', choices=['fp16', 'bf16'], default='fp16', help='the mixed-precision dtype to compare with fp32')
+    p.add_argument('--dtype', choices=['fp16', 'bf16'], default='fp16',
+                   help='the mixed-precision dtype to compare with fp32')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--classes', type=int, default=37)
     p.add_argument('--threads', type=int, default=0, help='CPU threads (torch.set_num_threads); 0: torch default')
@@ -116,7 +122,8 @@ def main(argv=None):
 
     _arch_kind(a.arch)   # fail here, not in the child processes
     dev = torch.device(a.device)
-    where = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'cpu, {a.threads or torch.get_num_threads()} threads'
+    where = (torch.cuda.get_device_name(dev) if dev.type == 'cuda'
+             else f'cpu, {a.threads or torch.get_num_threads()} threads')
     print(f"fp16_speed: {a.arch} (random init: measures speed, not accuracy), batch {a.bs}, {a.size}x{a.size} px, "
           f"{a.steps} timed steps after {a.warmup} warm-up, on {where}; torch {torch.__version__}")
     if dev.type == 'cpu':
@@ -136,12 +143,14 @@ def main(argv=None):
             raise SystemExit(f"the {mode} run failed (exit code {r.returncode}); its error is above")
         results.append(json.loads(r.stdout.strip().splitlines()[-1]))
     mem = results[0]['mem_kind']
-    print(f"{'mode':<6}{'images/s':>10}{'ms/step':>10}{mem + ' MiB':>22}" + ("" if dev.type == 'cuda' else f"{'(+ over start)':>16}")
-          + f"{'skipped':>9}")
+    print(f"{'mode':<6}{'images/s':>10}{'ms/step':>10}{mem + ' MiB':>22}"
+          + ("" if dev.type == 'cuda' else f"{'(+ over start)':>16}") + f"{'skipped':>9}")
     for r in results:
         extra = "" if dev.type == 'cuda' else f"{r['peak_mb'] - r['rss_before_mb']:>+16.0f}"
-        print(f"{r['mode']:<6}{r['images_per_s']:>10.1f}{r['step_ms']:>10.1f}{r['peak_mb']:>22.0f}{extra}{r['skipped']:>9}")
+        print(f"{r['mode']:<6}{r['images_per_s']:>10.1f}{r['step_ms']:>10.1f}{r['peak_mb']:>22.0f}{extra}"
+              f"{r['skipped']:>9}")
     f32, mp = results
-    print(f"{a.dtype}/fp32: speed x{mp['images_per_s'] / f32['images_per_s']:.2f}, {mem} x{mp['peak_mb'] / f32['peak_mb']:.2f}")
+    print(f"{a.dtype}/fp32: speed x{mp['images_per_s'] / f32['images_per_s']:.2f}, "
+          f"{mem} x{mp['peak_mb'] / f32['peak_mb']:.2f}")
 
 if __name__ == '__main__': main()

@@ -2,25 +2,34 @@
 
 Usage: python bench/learner_overhead.py [--size 128] [--bs 32] [--n-train 8] [--n-valid 2] [--epochs 1] [--repeats 5]
 
-Part 1 (end to end): batches are random tensors made once and kept in memory, so data loading does not enter the comparison. Both sides
-train `epochs` epochs (forward, loss, backward, AdamW step) and validate (forward, loss, accuracy) every epoch. The
-Learner runs with its default callbacks (Recorder and the progress bar / epoch table) plus the 1cycle-free `fit`; a
-second Learner variant runs without the progress display. Runs are interleaved; the minimum of `repeats` is reported
-(the least noisy estimate on a shared machine) and also the median of the per-repeat ratios to the plain loop. Part 2 (fixed cost): the same comparison with a tiny linear model over 2000 batches, where compute is negligible, gives
-the time the Learner adds per batch (callback dispatch, recorder, progress bar), shown as a percentage of part 1's
-per-batch time; this is much less sensitive to other processes than part 1. This prints figures; it is not a timed test.
+Part 1 (end to end): batches are random tensors made once and kept in memory, so data loading does not enter the
+comparison. Both sides train `epochs` epochs (forward, loss, backward, AdamW step) and validate (forward, loss,
+accuracy) every epoch. The Learner runs with its default callbacks (Recorder and the progress bar / epoch table) plus
+the 1cycle-free `fit`; a second Learner variant runs without the progress display. Runs are interleaved; the minimum
+of `repeats` is reported (the least noisy estimate on a shared machine) and also the median of the per-repeat ratios
+to the plain loop. Part 2 (fixed cost): the same comparison with a tiny linear model over 2000 batches, where compute
+is negligible, gives the time the Learner adds per batch (callback dispatch, recorder, progress bar), shown as a
+percentage of part 1's per-batch time; this is much less sensitive to other processes than part 1. This prints
+figures; it is not a timed test.
 """
 import argparse, io, time, contextlib
 import torch
 from torch import nn
 
-from course_lib.data import DataLoaders
-from course_lib.learner import Learner, Adam, ProgressCallback, param_groups, default_splitter, create_model, accuracy
+from course_lib.loader import DataLoaders
+from course_lib.learner import Learner, accuracy
+from course_lib.optimizer import Adam, param_groups, default_splitter
+from course_lib.progress import ProgressCallback
+from course_lib.export import create_model
+from course_lib.cpu import tune_malloc
+
+tune_malloc()   # glibc keeps large blocks in its heap (bench/cpu_allocator.py measures it)
 
 
 def make_batches(n, bs, size, n_out, seed):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(bs, 3, size, size, generator=g), torch.randint(0, n_out, (bs,), generator=g)) for _ in range(n)]
+    return [(torch.randn(bs, 3, size, size, generator=g), torch.randint(0, n_out, (bs,), generator=g))
+            for _ in range(n)]
 
 
 def new_model(n_out):

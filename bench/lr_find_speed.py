@@ -4,6 +4,9 @@ Usage: python bench/lr_find_speed.py [--size 128] [--arch efficientnet_lite0] [-
 Prints the wall time of `learn.lr_find()` alone (an early stop on divergence counts), and its suggestions."""
 import argparse, time
 from course_lib.all import *
+from course_lib.cpu import tune_malloc
+
+tune_malloc()   # glibc keeps large blocks in its heap (bench/cpu_allocator.py measures it)
 
 ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
 ap.add_argument('--size', type=int, default=128)

@@ -31,11 +31,14 @@ print(json.dumps({k: getattr(schedule, k)(lrs, losses, n)[0] for k in sys.argv[2
 
 def record_curve(num_it=100, size=128, seed=42) -> dict:
     import torch
-    from course_lib.data import (DataBlock, ImageBlock, CategoryBlock, get_image_files, RandomSplitter, RegexLabeller,
-                                 using_attr, untar_data, URLs)
+    from course_lib.data import (DataBlock, ImageBlock, CategoryBlock, get_image_files, RandomSplitter,
+                                 RegexLabeller, using_attr)
+    from course_lib.external import untar_data, URLs
     from course_lib.augment import Resize, aug_transforms
     from course_lib.learner import accuracy
     from course_lib.models import vision_learner
+    from course_lib.cpu import tune_malloc
+    tune_malloc()
     torch.manual_seed(seed)
     block = DataBlock(blocks=(ImageBlock, CategoryBlock), get_items=get_image_files, splitter=RandomSplitter(seed=seed),
                       get_y=using_attr(RegexLabeller(r'(.+)_\d+\.\w+$'), 'name'), item_tfms=Resize(round(size * 1.25)),
@@ -54,7 +57,8 @@ def fastai_suggestions(python: str, curve: dict) -> dict:
         f = Path(d)/'curve.json'; f.write_text(json.dumps(curve))
         out = subprocess.run([python, '-c', FASTAI_SIDE, str(f), *NAMES], capture_output=True, text=True)
     if out.returncode:
-        raise SystemExit(f"lr_find_vs_fastai: {python} could not run fastai's suggestions:\n{out.stderr.strip()[-800:]}")
+        raise SystemExit(f"lr_find_vs_fastai: {python} could not run fastai's suggestions:\n"
+                         f"{out.stderr.strip()[-800:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -20,12 +20,18 @@ from pathlib import Path
 os.environ.setdefault('COURSE_LIB_DATA', str(Path(__file__).resolve().parents[2]/'shared'/'data'))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np, torch
+from course_lib.external import *
+from course_lib.loader import *
 from course_lib.data import *
 from course_lib.augment import *
-from course_lib.learner import accuracy, ProgressCallback
+from course_lib.learner import accuracy
+from course_lib.progress import ProgressCallback
 from course_lib.losses import CrossEntropyLossFlat
 from course_lib.lr_finder import minimum, steep, valley, slide, suggest_lrs
 from course_lib.models import vision_learner
+from course_lib.cpu import tune_malloc
+
+tune_malloc()   # glibc keeps large blocks in its heap (bench/cpu_allocator.py measures it)
 
 LABEL = RegexLabeller(r'(.+)_\d+\.\w+$')
 HEAD = dict(lin_ftrs=[], ps=0., concat_pool=False, first_bn=False, train_bn=False)
@@ -97,7 +103,8 @@ def summarise(results, names) -> str:
     for recipe in results[0]:
         for name in names:
             lrs = [r[recipe][name][0] for r in results]; accs = 100 * np.array([r[recipe][name][1] for r in results])
-            lines.append(f"| {recipe} | {name} | {np.median(lrs):.2e} | {accs.mean():.1f} ± {accs.std(ddof=1) if len(accs) > 1 else 0:.1f} "
+            lines.append(f"| {recipe} | {name} | {np.median(lrs):.2e} | "
+                         f"{accs.mean():.1f} ± {accs.std(ddof=1) if len(accs) > 1 else 0:.1f} "
                          f"| {' '.join(f'{x:.1f}' for x in accs)} |")
     return '\n'.join(lines)
 

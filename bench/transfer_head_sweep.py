@@ -1,7 +1,10 @@
-"""Sweep head settings for transfer learning with a frozen body, fast: cache the body's pooled features once, then train heads.
+"""Sweep head settings for transfer learning with a frozen body, fast: cache the body's pooled features once, \
+then train heads.
 
-    .venv/bin/python bench/transfer_head_sweep.py                      # cache (8 augmented views, ~150 CPU-s) + default sweep
-    .venv/bin/python bench/transfer_head_sweep.py --grid "dict(lin_ftrs=[[]], first_bn=[False], concat=[False], ps=[0.], ls=[0.], epochs=[6], lr=[1e-2], pct=[0.99], wd=[0.01])"
+    .venv/bin/python bench/transfer_head_sweep.py                      \
+# cache (8 augmented views, ~150 CPU-s) + default sweep
+    .venv/bin/python bench/transfer_head_sweep.py --grid "dict(lin_ftrs=[[]], first_bn=[False], concat=[False], \
+ps=[0.], ls=[0.], epochs=[6], lr=[1e-2], pct=[0.99], wd=[0.01])"
 
 With `train_bn=False` the frozen body (BatchNorm in eval mode) is a fixed function, so training the head on cached
 features of K augmented passes (pass k used at epoch k) is the same computation as `fine_tune(0, freeze_epochs=K)`
@@ -15,16 +18,23 @@ os.environ.setdefault('COURSE_LIB_DATA', str(Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np, torch
 from torch import nn
+from course_lib.external import *
+from course_lib.loader import *
 from course_lib.data import *
 from course_lib.augment import *
-from course_lib.learner import Learner, ProgressCallback, accuracy
+from course_lib.learner import Learner, accuracy
+from course_lib.progress import ProgressCallback
 from course_lib.losses import CrossEntropyLossFlat
 from course_lib.models import AdaptiveConcatPool2d, arch_meta, create_body, create_head
+from course_lib.cpu import tune_malloc
+
+tune_malloc()   # glibc keeps large blocks in its heap (bench/cpu_allocator.py measures it)
 
 def cache_features(size, mult, min_scale, views, seed, file):
     torch.manual_seed(seed)
     pets = DataBlock(get_y=using_attr(RegexLabeller(r'(.+)_\d+.jpg$'), 'name'), splitter=RandomSplitter(seed=42),
-                     item_tfms=Resize(round(size * 1.15)), batch_tfms=aug_transforms(size=size, min_scale=min_scale, mult=mult))
+                     item_tfms=Resize(round(size * 1.15)),
+                     batch_tfms=aug_transforms(size=size, min_scale=min_scale, mult=mult))
     dls = pets.dataloaders(untar_data(URLs.PETS_SAMPLE)/'images', bs=32, seed=seed)
     dls.normalize(*arch_meta('efficientnet_lite0')['stats'])
     body = create_body('efficientnet_lite0').eval()

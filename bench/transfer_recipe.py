@@ -1,7 +1,8 @@
 """The chapter's transfer-learning recipe on the 296-photo pets sample: accuracy and wall time per seed.
 
     .venv/bin/python bench/transfer_recipe.py --seeds 0 1 2            # the course's default recipe
-    .venv/bin/python bench/transfer_recipe.py --seeds 0 --book         # the book's recipe (fastai defaults) for comparison
+    .venv/bin/python bench/transfer_recipe.py --seeds 0 --book         \
+# the book's recipe (fastai defaults) for comparison
 
 Wall time per seed counts everything the chapter does: building the DataLoaders (decoding the JPEGs), `lr_find` and
 training. Run it on an idle machine (check `uptime`): on 2 shared cores the timings double when someone else trains.
@@ -12,17 +13,23 @@ from pathlib import Path
 os.environ.setdefault('COURSE_LIB_DATA', str(Path(__file__).resolve().parents[2]/'shared'/'data'))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np, torch
+from course_lib.external import *
+from course_lib.loader import *
 from course_lib.data import *
 from course_lib.augment import *
 from course_lib.losses import CrossEntropyLossFlat
 from course_lib.learner import accuracy
 from course_lib.lr_finder import *
 from course_lib.models import *
+from course_lib.cpu import tune_malloc
+
+tune_malloc()   # glibc keeps large blocks in its heap (bench/cpu_allocator.py measures it)
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
-    p.add_argument('--book', action='store_true', help="fastai's defaults: 2-layer head, BN trained, fine_tune(4, freeze_epochs=2), 192 px")
+    p.add_argument('--book', action='store_true',
+                   help="fastai's defaults: 2-layer head, BN trained, fine_tune(4, freeze_epochs=2), 192 px")
     p.add_argument('--arch', default='efficientnet_lite0')
     p.add_argument('--size', type=int, default=None, help='training size (default: the architecture\'s native size)')
     p.add_argument('--presize', type=float, default=1.15, help='item Resize = size * presize')
@@ -55,7 +62,8 @@ def run(a, seed):
                      item_tfms=Resize(round(size * a.presize)),
                      batch_tfms=aug_transforms(size=size, min_scale=a.min_scale, mult=a.mult))
     dls = pets.dataloaders(path/'images', bs=a.bs, seed=seed)
-    learn = vision_learner(dls, a.arch, metrics=accuracy, lin_ftrs=a.lin_ftrs, ps=a.ps, concat_pool=bool(a.concat_pool), first_bn=bool(a.first_bn), train_bn=bool(a.train_bn),
+    learn = vision_learner(dls, a.arch, metrics=accuracy, lin_ftrs=a.lin_ftrs, ps=a.ps, concat_pool=bool(a.concat_pool),
+                           first_bn=bool(a.first_bn), train_bn=bool(a.train_bn),
                            loss_func=CrossEntropyLossFlat(label_smoothing=a.ls))
     learn.remove_cbs([c for c in learn.cbs if type(c).__name__ == 'ProgressCallback'])
     t_data = time.perf_counter() - t0
@@ -82,7 +90,8 @@ def main():
         accs.append(acc); times.append(wall)
         print(f"seed {s}: accuracy {acc:.4f}  wall {wall:.1f} s  (data {t_data:.1f} s, lr_find {t_find:.1f} s; "
               f"CPU time of this process {cpu:.1f} s; base_lr {lr:.2e})", flush=True)
-    print(f"mean accuracy {np.mean(accs):.4f} over seeds {a.seeds}; wall per seed {', '.join(f'{t:.1f}' for t in times)} s "
+    print(f"mean accuracy {np.mean(accs):.4f} over seeds {a.seeds}; "
+          f"wall per seed {', '.join(f'{t:.1f}' for t in times)} s "
           f"(mean {np.mean(times):.1f} s); load average now {os.getloadavg()[0]:.2f}")
 
 if __name__ == '__main__': main()

@@ -6,10 +6,17 @@
 __all__ = []
 
 # %% ../nbs/90_all.ipynb #e1b0f55f
+from course_lib.external import *
+from course_lib.loader import *
 from course_lib.data import *
 from course_lib.augment import *
 from course_lib.losses import *
+from course_lib.optimizer import *
 from course_lib.learner import *
+from course_lib.progress import *
+from course_lib.schedule import *
+from course_lib.export import *
+from course_lib.oom import *
 from course_lib.lr_finder import *
 from course_lib.models import *
 from course_lib.callbacks import *
@@ -18,14 +25,17 @@ from course_lib.architectures import *
 from course_lib.fp16 import *
 from course_lib.hotdog import *
 from course_lib.keras_lecture import *
+from course_lib.cpu import *
 
 # %% ../nbs/90_all.ipynb #6e011a04
-import course_lib.data, course_lib.augment, course_lib.losses, course_lib.learner, course_lib.lr_finder
-import course_lib.models, course_lib.callbacks, course_lib.interpret, course_lib.architectures, course_lib.fp16
-import course_lib.hotdog, course_lib.keras_lecture
-_modules = (course_lib.data, course_lib.augment, course_lib.losses, course_lib.learner, course_lib.lr_finder,
-            course_lib.models, course_lib.callbacks, course_lib.interpret, course_lib.architectures, course_lib.fp16, course_lib.hotdog,
-            course_lib.keras_lecture)
+import course_lib.external, course_lib.loader, course_lib.data, course_lib.augment, course_lib.losses
+import course_lib.optimizer, course_lib.learner, course_lib.progress, course_lib.schedule, course_lib.export
+import course_lib.oom, course_lib.lr_finder, course_lib.models, course_lib.callbacks, course_lib.interpret
+import course_lib.architectures, course_lib.fp16, course_lib.hotdog, course_lib.keras_lecture, course_lib.cpu
+_modules = (course_lib.external, course_lib.loader, course_lib.data, course_lib.augment, course_lib.losses,
+            course_lib.optimizer, course_lib.learner, course_lib.progress, course_lib.schedule, course_lib.export,
+            course_lib.oom, course_lib.lr_finder, course_lib.models, course_lib.callbacks, course_lib.interpret,
+            course_lib.architectures, course_lib.fp16, course_lib.hotdog, course_lib.keras_lecture, course_lib.cpu)
 __all__ = [n for m in _modules for n in m.__all__]
 
 # %% ../nbs/90_all.ipynb #5402ab15

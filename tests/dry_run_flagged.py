@@ -1,5 +1,6 @@
-"""Dry run, on a CPU and offline, of every notebook cell flagged `cuda` or `slow`, with small stand-ins, to show that a GPU
-reader gets through them.
+"""Dry run, on a CPU and offline, of every notebook cell flagged `cuda` or `slow`, with small stand-ins.
+
+It shows that a GPU reader gets through them.
 
     python tests/dry_run_flagged.py                              # every notebook with flagged cells
     python tests/dry_run_flagged.py nbs/11_mixed_precision.ipynb
@@ -7,9 +8,9 @@ reader gets through them.
 The stand-ins: the full Oxford-IIIT Pet and hot-dog downloads are folders of links to the 296-photo sample, laid out as
 the real archives unpack; Fashion-MNIST is random pixels in its file format; torchvision's ResNet weights are random
 ones in torch's hub cache; images are at most 32 pixels and batches at most 16, every `fit` runs one epoch of three
-training and two validation batches, and `lr_find` ten batches. Each
-notebook runs in a fresh process (forked, as in `run_notebooks.py`, where the system can): its imports, its `#| export` cells, its flagged cells, and the earlier cells that
-define a name the flagged ones use (found by reading the code), in notebook order. Cells that call CUDA by name
+training and two validation batches, and `lr_find` ten batches. Each notebook runs in a fresh process (forked, as in
+`run_notebooks.py`, where the system can): its imports, its `#| export` cells, its flagged cells, and the earlier cells
+that define a name the flagged ones use (found by reading the code), in notebook order. Cells that call CUDA by name
 (`.cuda()`, `device='cuda'`) cannot run without a GPU and are listed as such. Exits 1 if a flagged cell raised anything
 but an `AssertionError` (the book-scale numbers that flagged cells check do not hold at this scale). A cell it needs
 that fails at this scale is listed, not counted: the notebook tests run it at full scale.
@@ -58,7 +59,8 @@ def _always(src):
 
 def smaller(src):
     "The cell with its image sizes and batch sizes cut to the dry run's."
-    src = re.sub(r'\b(size|bs)=(\d+)', lambda m: f"{m[1]}={min(int(m[2]), SMALL_PX if m[1] == 'size' else SMALL_BS)}", src)
+    src = re.sub(r'\b(size|bs)=(\d+)',
+                 lambda m: f"{m[1]}={min(int(m[2]), SMALL_PX if m[1] == 'size' else SMALL_BS)}", src)
     return re.sub(r'\bResize\((\d+)', lambda m: f'Resize({min(int(m[1]), SMALL_PX)}', src)
 
 
@@ -167,7 +169,8 @@ def dry_run(nb: Path, env: dict) -> list:
     srcs = {i: smaller(''.join(cells[i]['source'])) for i in chosen}
     gpu_only = [i for i in chosen if FLAG.search(srcs[i]) and NEEDS_GPU.search(srcs[i])]
     todo = [[i, srcs[i]] for i in chosen if i not in gpu_only]
-    code, out = in_fresh_process(_run_cells, todo, env, nb.parent) if can_fork() else _in_subprocess(todo, env, nb.parent)
+    code, out = (in_fresh_process(_run_cells, todo, env, nb.parent) if can_fork()
+                 else _in_subprocess(todo, env, nb.parent))
     ran = {r['cell']: r for r in map(json.loads, (l for l in out.splitlines() if l.startswith('{"cell"')))}
     rows = []
     for i in chosen:
@@ -175,8 +178,10 @@ def dry_run(nb: Path, env: dict) -> list:
         if i in gpu_only: status, secs, note = 'needs a GPU', 0., 'calls CUDA by name: not run without a GPU'
         elif r is None: status, secs, note = 'FAILED', 0., f'did not run: {out.strip()[-300:]}'
         elif r['error'] is None: status, secs, note = 'ran', r['secs'], ''
-        elif r['error'] == 'AssertionError': status, secs, note = 'ran', r['secs'], f"its check failed at this scale: {r['message']}"
-        elif not flagged: status, secs, note = 'too small', r['secs'], f"fails at this scale: {r['error']}: {r['message']}"
+        elif r['error'] == 'AssertionError': status, secs, note = 'ran', r['secs'], (
+            f"its check failed at this scale: {r['message']}")
+        elif not flagged: status, secs, note = 'too small', r['secs'], (
+            f"fails at this scale: {r['error']}: {r['message']}")
         else: status, secs, note = 'FAILED', r['secs'], f"{r['error']}: {r['message']}"
         rows.append((i, flagged, status, secs, note))
     return rows
@@ -184,19 +189,23 @@ def dry_run(nb: Path, env: dict) -> list:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('notebooks', nargs='*', type=Path, help='notebooks (default: every notebook in nbs/ with flagged cells)')
+    p.add_argument('notebooks', nargs='*', type=Path,
+                   help='notebooks (default: every notebook in nbs/ with flagged cells)')
     args = p.parse_args(argv)
     nbs = [n.resolve() for n in args.notebooks] or [
         n for n in sorted((ROOT/'nbs').glob('*.ipynb'))
-        if any(c['cell_type'] == 'code' and FLAG.search(''.join(c['source'])) for c in json.loads(n.read_text())['cells'])]
-    sample = Path(os.environ.get('COURSE_LIB_DATA') or Path.home()/'.course_lib'/'data')/'oxford-iiit-pet-sample'/'images'
+        if any(c['cell_type'] == 'code' and FLAG.search(''.join(c['source']))
+               for c in json.loads(n.read_text())['cells'])]
+    sample = (Path(os.environ.get('COURSE_LIB_DATA') or Path.home()/'.course_lib'/'data')
+              /'oxford-iiit-pet-sample'/'images')
     if not sample.is_dir(): raise SystemExit(f"the dry run needs the pets sample at {sample}: set COURSE_LIB_DATA")
     failed, start = 0, time.perf_counter()
     if can_fork(): preload()
     with tempfile.TemporaryDirectory() as root:
         stand_in_data(Path(root), sample.resolve())
         env = {**os.environ, 'COURSE_LIB_DATA': root, 'TORCH_HOME': str(Path(root)/'torch'), 'COURSE_LIB_DEVICE': 'cpu',
-               'MPLBACKEND': 'Agg', 'PYTHONPATH': os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')]))}
+               'MPLBACKEND': 'Agg',
+               'PYTHONPATH': os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')]))}
         for nb in nbs:
             t0 = time.perf_counter()
             rows = dry_run(nb, env)
@@ -207,7 +216,8 @@ def main(argv=None):
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
             for i, fl, status, secs, note in rows:
                 if fl or status == 'FAILED':
-                    print(f"  cell {i:>3} {'flagged' if fl else 'needed '} {status:<11} {secs:5.1f} s  {note}"[:200], flush=True)
+                    print(f"  cell {i:>3} {'flagged' if fl else 'needed '} {status:<11} {secs:5.1f} s  {note}"[:200],
+                          flush=True)
     print(f"dry run: {len(nbs) - failed} notebooks passed, {failed} failed in {time.perf_counter() - start:.0f} s")
     return 1 if failed else 0
 

@@ -2,7 +2,7 @@
 import torch
 from torch.utils.data import TensorDataset, DataLoader as TorchDataLoader
 
-from course_lib.data import DataLoaders
+from course_lib.loader import DataLoaders
 
 
 def synth_dls(n=256, bs=32, seed=0, n_train=None):

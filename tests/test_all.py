@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import course_lib.all as everything
-from course_lib.data import Path, data_home, untar_data, URLs, DataBlock, ImageBlock, CategoryBlock, get_image_files, \
-    RandomSplitter, RegexLabeller, using_attr
+from course_lib.external import Path, data_home, untar_data, URLs
+from course_lib.data import (DataBlock, ImageBlock, CategoryBlock, get_image_files, RandomSplitter, RegexLabeller,
+                             using_attr)
 from course_lib.augment import Resize
 
 SAMPLE = data_home()/'oxford-iiit-pet-sample'/'images'
@@ -81,7 +82,7 @@ def test_path_ls_is_sorted_and_base_path_shortens_the_repr(tmp_path, base_path):
 def test_plain_pathlib_paths_still_work_as_items(tmp_path):
     "Items may be plain `pathlib.Path`s (other code makes them): the loader opens them as files, not as PIL images."
     from PIL import Image
-    from course_lib.data import DataLoader
+    from course_lib.loader import DataLoader
     for i in range(2): Image.new('RGB', (8, 8), (i * 100, 0, 0)).save(tmp_path/f'{i}.png')
     dl = DataLoader([pathlib.Path(tmp_path/'0.png'), str(tmp_path/'1.png')], labels=[0, 1], bs=2, device='cpu')
     xb, yb = dl.one_batch()

@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from course_lib.learner import Learner, ProgressCallback, accuracy
+from course_lib.learner import Learner, accuracy
+from course_lib.progress import ProgressCallback
 import course_lib.architectures as architectures
 from course_lib.architectures import Throughput, measure_arch
 
@@ -29,7 +30,8 @@ def test_throughput_times_training_epochs_but_not_lr_find():
 def test_measure_arch_checks_the_metric_before_training(monkeypatch):
     monkeypatch.setattr(architectures, 'vision_learner', lambda dls, arch, cbs=(), **kw: small_learner(cbs=cbs, **kw))
     def train(learn): pytest.fail('measure_arch trained before noticing that the metric is not recorded')
-    with pytest.raises(ValueError, match=r"metric='accuracy' is not recorded by this learner; it records \['train_loss', 'valid_loss'\]"):
+    with pytest.raises(ValueError, match=r"metric='accuracy' is not recorded by this learner; "
+                                         r"it records \['train_loss', 'valid_loss'\]"):
         measure_arch(nn.Identity, synth_dls(), train)
     with pytest.raises(ValueError, match='not recorded'):
         measure_arch(nn.Identity, synth_dls(), train, metric='error_rate', metrics=accuracy)

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from course_lib.data import atomic_write, DiskFullError
-from course_lib.learner import Learner, create_model, load_learner, ExportFileError
+from course_lib.external import atomic_write, DiskFullError
+from course_lib.learner import Learner
+from course_lib.export import create_model, load_learner, ExportFileError
 from helpers import synth_dls
 
 HERE = Path(__file__).resolve().parent
@@ -165,8 +166,8 @@ KILL_TRIALS = textwrap.dedent('''
     import torch
     sys.path.insert(0, {here!r})
     from test_atomic import learner, weights
-    import course_lib.data as D
-    from course_lib.learner import load_learner
+    import course_lib.external as D
+    from course_lib.export import load_learner
     from pathlib import Path
     folder = Path({folder!r})
     learner(folder).export('model.pth')

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from course_lib.learner import Learner, Callback, ProgressCallback, accuracy, error_rate
+from course_lib.learner import Learner, Callback, accuracy, error_rate
+from course_lib.progress import ProgressCallback
 from course_lib.callbacks import *
 
 
@@ -162,7 +163,8 @@ def test_every_epoch_and_at_end(tmp_path):
     assert sorted(p.name for p in (tmp_path/'models').iterdir()) == [f'model_{i}.pth' for i in range(4)]
     assert same_weights(learn.model.state_dict(), script.weights[-1])  # nothing loaded back
     for i in range(4):
-        assert same_weights(torch.load(tmp_path/'models'/f'model_{i}.pth', weights_only=True)['model'], script.weights[i])
+        assert same_weights(torch.load(tmp_path/'models'/f'model_{i}.pth', weights_only=True)['model'],
+                            script.weights[i])
 
     learn = make_learner(tmp_path/'b')
     learn.fit(4, cbs=[Script(valid_loss=[1.0, 0.5, 0.7, 0.9]), SaveModelCallback(every_epoch=2)])

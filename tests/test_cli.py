@@ -4,10 +4,11 @@ from pathlib import Path
 import pytest
 
 from course_lib.cli import build_parser, resolve_config, main
-from course_lib.data import data_home
+from course_lib.external import data_home
 
 SAMPLE = data_home()/'oxford-iiit-pet-sample'/'images'
-needs_sample = pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"the pets sample is not at {SAMPLE} (set COURSE_LIB_DATA)")
+needs_sample = pytest.mark.skipif(not SAMPLE.is_dir(),
+                                  reason=f"the pets sample is not at {SAMPLE} (set COURSE_LIB_DATA)")
 QUICK = ['--size', '64', '--freeze-epochs', '1', '--epochs', '0', '--bs', '16', '--lr', '1e-2']
 
 
@@ -28,7 +29,8 @@ def test_bad_arguments_are_named(argv, msg, capsys):
 
 def test_config_errors(tmp_path):
     with pytest.raises(SystemExit, match='both 0: nothing to train'):
-        resolve_config(parse('pets', '--out', str(tmp_path), '--epochs', '0', '--freeze-epochs', '0', '--data', str(tmp_path)))
+        resolve_config(parse('pets', '--out', str(tmp_path), '--epochs', '0', '--freeze-epochs', '0',
+                             '--data', str(tmp_path)))
     with pytest.raises(SystemExit, match='--lr must be a positive number'):
         resolve_config(parse('pets', '--out', str(tmp_path), '--lr', '-1', '--data', str(tmp_path)))
     with pytest.raises(SystemExit, match='is not a folder of images'):
@@ -36,7 +38,8 @@ def test_config_errors(tmp_path):
 
 
 def test_flags_override_the_preset(tmp_path):
-    cfg = resolve_config(parse('pets', '--out', str(tmp_path), '--data', str(tmp_path), '--size', '300', '--bs', '8', '--lr', '0'))
+    cfg = resolve_config(parse('pets', '--out', str(tmp_path), '--data', str(tmp_path), '--size', '300', '--bs', '8',
+                               '--lr', '0'))
     assert (cfg['size'], cfg['bs'], cfg['lr']) == (300, 8, None)
     assert cfg['presize'] >= 300  # the item resize is never smaller than the training size
 
@@ -109,26 +112,29 @@ def test_book_preset_offline_falls_back_to_the_offline_backbone_and_says_so(tmp_
     from course_lib.models import PretrainedWeightsError
     real = cli.vision_learner
     def no_resnet_weights(dls, arch, **kw):
-        if str(arch).startswith('resnet'): raise PretrainedWeightsError(f"cannot get the ImageNet weights of {arch}. More text")
+        if str(arch).startswith('resnet'):
+            raise PretrainedWeightsError(f"cannot get the ImageNet weights of {arch}. More text")
         return real(dls, arch, **kw)
     monkeypatch.setattr(cli, 'vision_learner', no_resnet_weights)
     out = tmp_path/'book'
     assert main(['pets', '--out', str(out), '--preset', 'book', '--data', str(SAMPLE), *QUICK, '--lr', '0']) == 0
     err = capsys.readouterr().err
-    assert 'resnet34 (the preset\'s default) has no ImageNet weights here' in err and 'efficientnet_lite2 instead' in err
+    assert ('resnet34 (the preset\'s default) has no ImageNet weights here' in err
+            and 'efficientnet_lite2 instead' in err)
     m = json.loads((out/'metrics.json').read_text())
     assert m['config']['arch'] == 'efficientnet_lite2' and 'arch_note' in m
     key = {'minimum': 'lr_min', 'steep': 'lr_steep', 'valley': 'lr_valley', 'slide': 'lr_slide'}[cli.LR_PICK]
     assert m['base_lr'] == m[key] and m['lr_source'] == f"the finder's {cli.LR_PICK} suggestion"   # --lr 0
     assert '**Backbone:** resnet34' in (out/'report.md').read_text()
     # asked for by name: no substitution, a clear failure
-    assert main(['pets', '--out', str(tmp_path/'insist'), '--preset', 'book', '--arch', 'resnet34', '--data', str(SAMPLE), *QUICK]) == 1
+    assert main(['pets', '--out', str(tmp_path/'insist'), '--preset', 'book', '--arch', 'resnet34',
+                 '--data', str(SAMPLE), *QUICK]) == 1
     assert "failed during 'model': cannot get the ImageNet weights of resnet34" in capsys.readouterr().err
 
 
 def test_full_dataset_that_cannot_be_downloaded_is_a_clear_exit(tmp_path, monkeypatch):
     import course_lib.cli as cli
-    from course_lib.data import DownloadError
+    from course_lib.external import DownloadError
     def offline(url, *a, **kw): raise DownloadError(f"Could not download {url}: no network (simulated).")
     monkeypatch.setattr(cli, 'untar_data', offline)
     with pytest.raises(SystemExit, match=r'full Oxford-IIIT Pets dataset is needed \(or use the sample.*no network'):
@@ -137,7 +143,7 @@ def test_full_dataset_that_cannot_be_downloaded_is_a_clear_exit(tmp_path, monkey
 
 def test_download_failure_names_the_way_to_the_sample_that_fits_the_preset(tmp_path, monkeypatch):
     import course_lib.cli as cli
-    from course_lib.data import DownloadError
+    from course_lib.external import DownloadError
     def offline(url, *a, **kw): raise DownloadError(f"Could not download {url}: no network (simulated).")
     monkeypatch.setattr(cli, 'untar_data', offline)
     monkeypatch.setattr(cli, 'data_home', lambda: tmp_path)   # no sample there
@@ -151,7 +157,8 @@ def test_download_failure_names_the_way_to_the_sample_that_fits_the_preset(tmp_p
 def _export_file(tmp_path, **changes):
     "A real (tiny) course_lib export, with `changes` applied to its entries."
     import torch
-    from course_lib.learner import Learner, create_model
+    from course_lib.learner import Learner
+    from course_lib.export import create_model
     from helpers import synth_dls
     dls = synth_dls(n=8, bs=4)
     dls.inference_config = lambda: {'vocab': ['a', 'b'], 'bs': 4, 'item_tfms': [], 'batch_tfms': []}
@@ -211,7 +218,7 @@ def test_predict_with_an_unusable_model_from_the_shell_prints_no_traceback(tmp_p
 def test_load_learner_errors_keep_their_types(tmp_path):
     "Callers that caught ValueError / pickle.UnpicklingError before still catch the new errors."
     import pickle, torch
-    from course_lib.learner import load_learner, ExportFileError, UnsafeExportError
+    from course_lib.export import load_learner, ExportFileError, UnsafeExportError
     class Payload:
         def __reduce__(self): return (print, ('pwned',))
     torch.save({'format': 'course_lib.learner.export', 'x': Payload()}, tmp_path/'unsafe.pth')

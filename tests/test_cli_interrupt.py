@@ -11,10 +11,12 @@ import pytest
 import torch
 
 import course_lib.cli as cli
-import course_lib.data as D
+import course_lib.external as D
+import course_lib.loader as LD
 import course_lib.learner as L
 from course_lib.interpret import ClassificationInterpretation
-from course_lib.learner import Learner, load_learner
+from course_lib.learner import Learner
+from course_lib.export import load_learner
 
 SAMPLE = D.data_home()/'oxford-iiit-pet-sample'/'images'
 pytestmark = pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"the pets sample is not at {SAMPLE} (set COURSE_LIB_DATA)")
@@ -44,7 +46,7 @@ def earlier_run(tiny_images, tmp_path_factory):
 def interrupt_batches_of(monkeypatch, owner, method, after=2):
     "Ctrl-C after `after` batches of the data loaders, counted from when `owner.method` starts."
     state = {'on': False, 'n': 0}
-    real_method, real_iter = getattr(owner, method), D.DataLoader.__iter__
+    real_method, real_iter = getattr(owner, method), LD.DataLoader.__iter__
     def started(*args, **kwargs):
         state['on'] = True
         return real_method(*args, **kwargs)
@@ -55,7 +57,7 @@ def interrupt_batches_of(monkeypatch, owner, method, after=2):
                 if state['n'] > after: raise KeyboardInterrupt
             yield b
     monkeypatch.setattr(owner, method, started)
-    monkeypatch.setattr(D.DataLoader, '__iter__', batches)
+    monkeypatch.setattr(LD.DataLoader, '__iter__', batches)
 
 
 def interrupt_data(monkeypatch):

@@ -7,11 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
+from course_lib.external import *
+from course_lib.loader import *
 from course_lib.data import *
-from course_lib.data import CHECKSUMS
+from course_lib.external import CHECKSUMS
 from course_lib.augment import *
 
-SAMPLE = Path(os.environ.get('COURSE_LIB_DATA', Path(__file__).parents[2]/'shared'/'data'))/'oxford-iiit-pet-sample'/'images'
+SAMPLE = (Path(os.environ.get('COURSE_LIB_DATA', Path(__file__).parents[2]/'shared'/'data'))
+          /'oxford-iiit-pet-sample'/'images')
 needs_sample = pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"pets sample not found at {SAMPLE}")
 
 
@@ -27,7 +30,8 @@ def salted(tmp_path):
         (d/f'Bengal_{k}.jpg').write_bytes(_jpeg_bytes(color=(10 * k, 100, 100)))
         (d/f'boxer_{k}.jpg').write_bytes(_jpeg_bytes(size=(48, 64), color=(100, 10 * k, 100)))
     big = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8))
-    buf = io.BytesIO(); big.save(buf, 'JPEG'); (d/'Bengal_truncated.jpg').write_bytes(buf.getvalue()[:len(buf.getvalue()) // 3])
+    buf = io.BytesIO(); big.save(buf, 'JPEG')
+    (d/'Bengal_truncated.jpg').write_bytes(buf.getvalue()[:len(buf.getvalue()) // 3])
     (d/'Bengal_empty.jpg').write_bytes(b'')
     (d/'boxer_text.jpg').write_text('not an image at all')
     Image.new('CMYK', (50, 40), (0, 200, 200, 0)).save(d/'Bengal_cmyk.jpg')
@@ -145,14 +149,16 @@ def test_size_mismatch_is_a_checksum_error(server, tmp_path):
     root, base = server
     (root/'data.bin').write_bytes(b'x' * 10)
     with pytest.raises(ChecksumError, match='size is 10 bytes, expected 11'):
-        download_url(f"{base}/data.bin", tmp_path/'d.bin', checksum=('md5', hashlib.md5(b'x' * 10).hexdigest(), 11), show_progress=False)
+        download_url(f"{base}/data.bin", tmp_path/'d.bin', checksum=('md5', hashlib.md5(b'x' * 10).hexdigest(), 11),
+                     show_progress=False)
 
 
 def test_offline_error_is_fast_and_helpful(tmp_path):
     s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]; s.close()  # nobody listens here
     t0 = time.time()
     with pytest.raises(DownloadError) as e:
-        download_url(f"http://127.0.0.1:{port}/oxford-iiit-pet.tgz", tmp_path/'oxford-iiit-pet.tgz', show_progress=False)
+        download_url(f"http://127.0.0.1:{port}/oxford-iiit-pet.tgz", tmp_path/'oxford-iiit-pet.tgz',
+                     show_progress=False)
     assert time.time() - t0 < 10   # a refused connection fails at once: this bound only proves it does not hang
     msg = str(e.value)
     assert f"127.0.0.1:{port}/oxford-iiit-pet.tgz" in msg and str(tmp_path/'oxford-iiit-pet.tgz') in msg
@@ -162,7 +168,7 @@ def test_offline_error_is_fast_and_helpful(tmp_path):
 def test_interrupted_download_leaves_nothing(server, tmp_path, monkeypatch):
     root, base = server
     (root/'big.bin').write_bytes(os.urandom(3 << 20))
-    import course_lib.data as cd
+    import course_lib.external as cd
     real_tqdm = cd.tqdm
     class Boom(real_tqdm):
         def update(self, n):

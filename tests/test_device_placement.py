@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from course_lib.data import default_device
+from course_lib.loader import default_device
 from course_lib.learner import Learner
 from course_lib.architectures import saved_activation_bytes, training_memory
 
@@ -95,7 +95,8 @@ def test_questionnaire_fp16_cell_holds_on_each_device(monkeypatch, device):
     from helpers import notebook_cell
     learn = Learner(synth_dls(), mlp())
     monkeypatch.setattr(Learner, 'device', property(lambda self: torch.device(device)))
-    ns = dict(learn=learn, warnings=warnings, test_eq=test_eq, torch=torch, nn=nn, MixedPrecisionWarning=MixedPrecisionWarning)
+    ns = dict(learn=learn, warnings=warnings, test_eq=test_eq, torch=torch, nn=nn,
+              MixedPrecisionWarning=MixedPrecisionWarning)
     exec(notebook_cell('16_questionnaire', 'learn.to_fp16()'), ns)
 
 
@@ -105,7 +106,8 @@ def test_hotdog_loaders_go_to_the_default_device(monkeypatch):
     from helpers import notebook_cell
     monkeypatch.setenv('COURSE_LIB_DEVICE', 'meta')
     ns = {}
-    exec('import torch\nfrom torchvision.transforms import v2\nfrom course_lib.data import *\nfrom course_lib.models import arch_meta\n'
+    exec('import torch\nfrom torchvision.transforms import v2\nfrom course_lib.external import *\n'
+         'from course_lib.loader import *\nfrom course_lib.data import *\nfrom course_lib.models import arch_meta\n'
          + notebook_cell('12_fine_tuning_hotdog', 'def d2l_dls('), ns)
     class Block:   # two photos of the sample, one to train, one to validate
         def datasets(self, source):
@@ -122,9 +124,11 @@ def test_imagenet_check_of_notebook_06_runs_the_model_where_the_loader_puts_the_
     "Notebook 06's top-1 cell with its loader on a stand-in GPU: the model must follow the batches there."
     from fastcore.test import test_close
     from helpers import notebook_cell
-    import course_lib.data as data, course_lib.augment as augment, course_lib.models as models
+    import course_lib.external as external, course_lib.loader as loader, course_lib.data as data
+    import course_lib.augment as augment, course_lib.models as models
     monkeypatch.setenv('COURSE_LIB_DEVICE', 'meta')
-    ns = {**vars(data), **vars(augment), **{k: getattr(models, k) for k in models.__all__}, 'torch': torch,
+    ns = {**vars(external), **vars(loader), **vars(data), **vars(augment),
+          **{k: getattr(models, k) for k in models.__all__}, 'torch': torch,
           'test_close': test_close, 'lite0': models.efficientnet_lite0()}
     try: exec(notebook_cell('06_transfer_learning', 'lite0(xb).argmax(1)'), ns)
     except (RuntimeError, NotImplementedError) as e:   # reading a meta tensor's value fails: after the placement

@@ -8,7 +8,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from dry_run_flagged import select_cells, smaller, stand_in_data
 
 
-def cells(*srcs): return [dict(cell_type='markdown', source=['# title'])] + [dict(cell_type='code', source=[s]) for s in srcs]
+def cells(*srcs): return ([dict(cell_type='markdown', source=['# title'])]
+                          + [dict(cell_type='code', source=[s]) for s in srcs])
 
 
 def test_flagged_cells_bring_the_cells_that_define_their_names_and_nothing_else():
@@ -29,7 +30,8 @@ def test_the_latest_definition_before_the_flagged_cell_is_the_one_taken():
 
 def test_sizes_and_batches_are_cut():
     src = "dls = pets.dataloaders(p, bs=64, item_tfms=Resize(460), batch_tfms=aug_transforms(size=224, min_scale=0.75))"
-    assert smaller(src) == "dls = pets.dataloaders(p, bs=16, item_tfms=Resize(32), batch_tfms=aug_transforms(size=32, min_scale=0.75))"
+    assert smaller(src) == ("dls = pets.dataloaders(p, bs=16, item_tfms=Resize(32), "
+                            "batch_tfms=aug_transforms(size=32, min_scale=0.75))")
     assert smaller("figsize=(12, 12), bs=8") == "figsize=(12, 12), bs=8"
 
 

@@ -1,10 +1,13 @@
-"Tests for course_lib.fp16 on tiny synthetic data: the CPU fallbacks, the bf16 decision, GradScaler skips and the recorder."
+("Tests for course_lib.fp16 on tiny synthetic data: the CPU fallbacks, the bf16 decision, GradScaler skips "
+ "and the recorder.")
 import warnings
 import pytest
 import torch
 from torch import nn
 
-from course_lib.learner import Learner, Callback, ProgressCallback, CancelBatchException, SGD
+from course_lib.learner import Learner, Callback, CancelBatchException
+from course_lib.progress import ProgressCallback
+from course_lib.optimizer import SGD
 import course_lib.fp16 as fp16
 from course_lib.fp16 import MixedPrecision, MixedPrecisionWarning, to_float
 
@@ -148,9 +151,11 @@ def test_bf16_on_cpu_trains_with_bf16_activations_and_fp32_params():
 # ---------- GradScaler: skipped steps and the recorded scale ----------
 
 class InjectInf(Callback):
-    "Write inf (or nan) into the first gradient at training batch `at`; keep parameters and Adam step counts after each step."
+    ("Write inf (or nan) into the first gradient at training batch `at`; keep parameters and Adam step counts "
+     "after each step.")
     order = 0
-    def __init__(self, at, value=float('inf')): self.at, self.value, self.n, self.params, self.steps = at, value, 0, [], []
+    def __init__(self, at, value=float('inf')):
+        self.at, self.value, self.n, self.params, self.steps = at, value, 0, [], []
     def after_backward(self):
         if self.n == self.at: next(self.learn.model.parameters()).grad.view(-1)[0] = self.value
         self.n += 1
@@ -194,8 +199,8 @@ def test_a_fresh_scaler_each_fit():
 
 
 def test_fp16_scaled_training_matches_fp32_closely():
-    """Same seed, same data, plain SGD (unlike Adam, it is not invariant to the gradient's scale, so forgetting to unscale
-    would blow up): fp16 autocast with loss scaling ends near the fp32 run, but not equal to it (fp16 rounds)."""
+    """Same seed, same data, plain SGD (unlike Adam, it is not invariant to the gradient's scale, so forgetting to
+    unscale would blow up): fp16 autocast with loss scaling ends near the fp32 run, not equal to it (fp16 rounds)."""
     ref = make_learner(opt_func=SGD)
     ref.fit(2, lr=0.1)
     learn = make_learner(opt_func=SGD, cbs=[MixedPrecision(torch.float16)])

@@ -33,7 +33,8 @@ def test_new_output_layer_rejects_bad_arguments(kw, exc, msg):
 
 
 def test_models_without_a_known_output_layer_are_refused():
-    with pytest.raises(TypeError, match="no nn.Linear called 'classifier', 'fc' or 'head'"): output_layer(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(TypeError, match="no nn.Linear called 'classifier', 'fc' or 'head'"):
+        output_layer(nn.Sequential(nn.Linear(2, 2)))
 
 
 def test_body_head_splitter_partitions_the_parameters():

@@ -10,9 +10,10 @@ from torch import nn
 from PIL import Image
 from torch.utils.data import TensorDataset, DataLoader as TorchDataLoader
 
-from course_lib.data import DataLoader, DataLoaders
+from course_lib.loader import DataLoader, DataLoaders
 from course_lib.augment import Normalize
-from course_lib.learner import Learner, ProgressCallback
+from course_lib.learner import Learner
+from course_lib.progress import ProgressCallback
 from course_lib.losses import CrossEntropyLossFlat
 from course_lib.interpret import *
 
@@ -78,9 +79,12 @@ def test_bad_inputs():
     _, targs, _, losses = hand_made()
     probs = torch.rand(10, 4)
     with pytest.raises(ValueError, match=r'\(10, 4\)'): ClassificationInterpretation(VOCAB, probs[:, :3], targs, losses)
-    with pytest.raises(ValueError, match="reduction='none'"): ClassificationInterpretation(VOCAB, probs, targs, losses.mean())
-    with pytest.raises(ValueError, match=r'class indices in \[0, 4\)'): ClassificationInterpretation(VOCAB, probs, targs + 1, losses)
-    with pytest.raises(ValueError, match='no DataLoader'): ClassificationInterpretation(VOCAB, probs, targs, losses).plot_top_losses(3)
+    with pytest.raises(ValueError, match="reduction='none'"):
+        ClassificationInterpretation(VOCAB, probs, targs, losses.mean())
+    with pytest.raises(ValueError, match=r'class indices in \[0, 4\)'):
+        ClassificationInterpretation(VOCAB, probs, targs + 1, losses)
+    with pytest.raises(ValueError, match='no DataLoader'):
+        ClassificationInterpretation(VOCAB, probs, targs, losses).plot_top_losses(3)
 
 
 def _quiet(learn):

@@ -16,11 +16,13 @@ def test_tensor_loader_covers_every_item_once_and_is_reproducible():
 
 @pytest.mark.parametrize('bs', [0, -1, 2.5, True])
 def test_tensor_loader_rejects_bad_batch_size(bs):
-    with pytest.raises(ValueError, match='bs must be a positive integer'): TensorLoader(torch.zeros(3), torch.zeros(3), bs=bs)
+    with pytest.raises(ValueError, match='bs must be a positive integer'):
+        TensorLoader(torch.zeros(3), torch.zeros(3), bs=bs)
 
 
 def test_tensor_dls_is_a_learner_input():
-    dls = tensor_dls(torch.zeros(10, 4), torch.zeros(10, dtype=torch.long), torch.zeros(6, 4), torch.zeros(6, dtype=torch.long), bs=4)
+    dls = tensor_dls(torch.zeros(10, 4), torch.zeros(10, dtype=torch.long),
+                     torch.zeros(6, 4), torch.zeros(6, dtype=torch.long), bs=4)
     assert len(dls.train) == 3 and len(dls.valid) == 1 and str(dls.device) == 'cpu'
 
 
@@ -69,12 +71,12 @@ def test_schedules_values_and_monotonicity():
 
 
 @pytest.mark.parametrize('make, msg', [
-    (lambda: sched_power(0., 1.), 'lr0 must be a positive number'),
-    (lambda: sched_exp(0.1, -1), 's must be a positive number'),
+    (lambda: sched_power(0., 1.), 'lr0 must be a positive finite number'),
+    (lambda: sched_exp(0.1, -1), 's must be a positive finite number'),
     (lambda: sched_piecewise([0.5], [0.1]), 'needs 2 learning rates, got 1'),
     (lambda: sched_piecewise([0.6, 0.4], [0.1, 0.1, 0.1]), 'must increase strictly'),
     (lambda: sched_piecewise([1.2], [0.1, 0.1]), 'within \\(0, 1\\)'),
-    (lambda: sched_power(float('nan'), 1.), 'lr0 must be a positive number'),
+    (lambda: sched_power(float('nan'), 1.), 'lr0 must be a positive finite number'),
 ])
 def test_schedules_reject_bad_arguments(make, msg):
     with pytest.raises(ValueError, match=msg): make()
@@ -82,7 +84,9 @@ def test_schedules_reject_bad_arguments(make, msg):
 
 def test_reduce_lr_on_plateau_with_a_real_learner():
     "On a task whose validation loss cannot improve (random labels), the rate is cut every `patience` epochs."
-    from course_lib.learner import Learner, ProgressCallback, SGD
+    from course_lib.learner import Learner
+    from course_lib.progress import ProgressCallback
+    from course_lib.optimizer import SGD
     torch.manual_seed(0)
     x, y = torch.randn(64, 3), torch.randint(0, 2, (64,))
     dls = tensor_dls(x, y, torch.randn(32, 3), torch.randint(0, 2, (32,)), bs=16)

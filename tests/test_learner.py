@@ -5,8 +5,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader as TorchDataLoader
 
+from course_lib.optimizer import *
 from course_lib.learner import *
-from course_lib.learner import _check_plain
+from course_lib.progress import *
+from course_lib.schedule import *
+from course_lib.export import *
+from course_lib.oom import *
+from course_lib.export import _check_plain
 
 
 from helpers import synth_dls
@@ -29,7 +34,8 @@ def test_combined_cos_known_points():
     assert f(0.25) == pytest.approx(1e-3)
     assert f(1.) == pytest.approx(1e-8)
     assert f(0.125) == pytest.approx((4e-5 + 1e-3) / 2)  # cosine midpoint is the arithmetic mean
-    assert f(0.0625) == pytest.approx(4e-5 + (1 - math.cos(math.pi / 4)) / 2 * (1e-3 - 4e-5))  # a quarter of the way: cosine, not linear
+    # a quarter of the way: cosine, not linear
+    assert f(0.0625) == pytest.approx(4e-5 + (1 - math.cos(math.pi / 4)) / 2 * (1e-3 - 4e-5))
     assert f(0.25 + 0.75 / 4) == pytest.approx(1e-8 + (1 + math.cos(math.pi / 4)) / 2 * (1e-3 - 1e-8))
     xs = [i / 100 for i in range(101)]
     vals = [f(x) for x in xs]
@@ -96,7 +102,7 @@ def test_set_lrs_maps_splitter_groups_to_torch_groups():
     learn.set_lrs(slice(1e-5, 1e-3))
     # group 0: Linear (weight decays, bias does not) -> 2 torch groups; group 1: BatchNorm -> 1 (no decay); group 2: 2
     pgs = learn.opt.param_groups
-    assert [(pg['split_idx'], pg['decay']) for pg in pgs] == [(0, True), (0, False), (1, False), (2, True), (2, False)]
+    assert [(pg['group_idx'], pg['decay']) for pg in pgs] == [(0, True), (0, False), (1, False), (2, True), (2, False)]
     assert [pg['lr'] for pg in pgs] == pytest.approx([1e-5, 1e-5, 1e-4, 1e-3, 1e-3])
     assert [pg['weight_decay'] for pg in pgs] == [0.01, 0., 0., 0.01, 0.]
     assert learn.get_hyper('lr') == pytest.approx([1e-5, 1e-4, 1e-3])
@@ -172,7 +178,8 @@ def test_nan_loss_stops_with_epoch_batch_lr():
                 self.learn.loss = self.learn.loss * float('nan')
     model = mlp()
     learn = quiet(Learner(synth_dls(), model, lr=2e-3, cbs=[NaNAt()]))
-    with pytest.raises(LossNotFiniteError, match=r'loss is nan at epoch 1 \(0-based\), batch 3 of 6, learning rate\(s\) 0\.002'):
+    with pytest.raises(LossNotFiniteError,
+                       match=r'loss is nan at epoch 1 \(0-based\), batch 3 of 6, learning rate\(s\) 0\.002'):
         learn.fit(3)
     assert len(learn.recorder.values) == 1  # one full epoch done
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the bad step was not taken
@@ -402,69 +409,6 @@ def test_a_single_callback_is_accepted_like_a_list(one_thread):
     assert learn.count.n == len(learn.dls.train) + len(learn.dls.valid)
     learn.add_cbs(Count)  # a class: instantiated
     assert isinstance(learn.count, Count) and learn.count.n == 0
-
-
-@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc tuning is Linux-only')
-@pytest.mark.parametrize('env, expected', [('', 'True'), ('default', 'False')])
-def test_fast_cpu_allocator_is_applied_once_unless_switched_off(env, expected):
-    code = ("from course_lib.learner import fast_cpu_allocator, _allocator; import sys; "
-            "print(fast_cpu_allocator(), fast_cpu_allocator(), _allocator)")
-    out = subprocess.run([sys.executable, '-c', code], env={**os.environ, 'COURSE_LIB_MALLOC': env, 'LD_PRELOAD': ''},
-                         capture_output=True, text=True, check=True).stdout.split()
-    assert out[:2] == [expected, expected]
-
-
-class FakeLibc:
-    "Stands in for glibc: records mallopt calls and answers `ok` (glibc returns 1 on success, 0 on failure)."
-    def __init__(self, ok=1): self.calls, self.ok = [], ok
-    def mallopt(self, param, value): self.calls.append((param, value)); return self.ok
-
-
-@pytest.fixture
-def fresh_allocator(monkeypatch):
-    "fast_cpu_allocator remembers its answer per process: forget it for the test, restore it afterwards."
-    import course_lib.learner as L
-    saved = dict(L._allocator)
-    L._allocator.clear()
-    monkeypatch.setattr(L.sys, 'platform', 'linux')
-    monkeypatch.delenv('COURSE_LIB_MALLOC', raising=False)
-    yield L
-    L._allocator.clear(); L._allocator.update(saved)
-
-
-def test_fast_cpu_allocator_sets_the_documented_thresholds_once(fresh_allocator, monkeypatch):
-    L, libc = fresh_allocator, FakeLibc()
-    monkeypatch.setattr(L, '_glibc_malloc', lambda: libc)
-    assert L.fast_cpu_allocator() is True and L.fast_cpu_allocator() is True
-    assert libc.calls == [(-3, 256 * 2**20), (-1, 2**30)]   # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, once per process
-
-
-@pytest.mark.parametrize('case', ['not glibc', 'mallopt refuses', 'switched off', 'not linux'])
-def test_fast_cpu_allocator_declines(fresh_allocator, monkeypatch, case):
-    L, libc = fresh_allocator, FakeLibc(ok=0 if case == 'mallopt refuses' else 1)
-    monkeypatch.setattr(L, '_glibc_malloc', lambda: None if case == 'not glibc' else libc)
-    if case == 'switched off': monkeypatch.setenv('COURSE_LIB_MALLOC', 'default')
-    if case == 'not linux': monkeypatch.setattr(L.sys, 'platform', 'darwin')
-    assert L.fast_cpu_allocator() is False
-    assert libc.calls == ([(-3, 256 * 2**20)] if case == 'mallopt refuses' else [])
-
-
-@pytest.mark.skipif(not sys.platform.startswith('linux') or shutil.which('gcc') is None, reason='needs Linux and gcc')
-def test_fast_cpu_allocator_declines_when_another_malloc_is_preloaded(tmp_path):
-    "mallopt would tune glibc's heap, which a preloaded allocator (jemalloc, tcmalloc) does not use: say False."
-    src = tmp_path/'wrap.c'
-    src.write_text('#include <stddef.h>\nextern void *__libc_malloc(size_t);\n'
-                   'void *malloc(size_t n) { return __libc_malloc(n); }\n')
-    subprocess.run(['gcc', '-shared', '-fPIC', '-o', str(tmp_path/'wrap.so'), str(src)], check=True)
-    code = ("from course_lib.learner import fast_cpu_allocator; "
-            "print(fast_cpu_allocator(), 'wrap.so' in open('/proc/self/maps').read())")
-    def applied(preload):
-        env = {**os.environ, 'LD_PRELOAD': preload, 'COURSE_LIB_MALLOC': ''}
-        return subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True).stdout.split()
-    assert applied('') == ['True', 'False']
-    tuned, loaded = applied(str(tmp_path/'wrap.so'))
-    if loaded != 'True': pytest.skip(f"the dynamic loader did not preload {tmp_path/'wrap.so'} (noexec temporary folder?)")
-    assert tuned == 'False'
 
 
 def test_get_hyper_before_any_fit_reads_the_initial_lrs():

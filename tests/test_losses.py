@@ -188,7 +188,8 @@ def test_flat_axis_1_segmentation_layout():
     x, t = make_logits((2, 4, 3, 5), 2.0, seed=9), torch.randint(0, 4, (2, 3, 5))
     lf = CrossEntropyLossFlat(axis=1)
     assert_close(lf(x, t), F.cross_entropy(x, t))
-    assert_close(CrossEntropyLossFlat(axis=1, reduction='none')(x, t), F.cross_entropy(x, t, reduction='none').reshape(-1))
+    assert_close(CrossEntropyLossFlat(axis=1, reduction='none')(x, t),
+                 F.cross_entropy(x, t, reduction='none').reshape(-1))
     assert_close(CrossEntropyLossFlat(axis=1, label_smoothing=0.1)(x, t), F.cross_entropy(x, t, label_smoothing=0.1))
     assert_close(lf.decodes(x), x.argmax(1))
     assert_close(lf.activation(x), F.softmax(x, 1))
@@ -228,7 +229,8 @@ def test_target_out_of_range(f):
 
 
 def test_mismatched_batch_sizes():
-    with pytest.raises(ValueError, match=r'batch sizes do not match: logits of shape \(4, 3\) has 4 rows but target has 3'):
+    with pytest.raises(ValueError,
+                       match=r'batch sizes do not match: logits of shape \(4, 3\) has 4 rows but target has 3'):
         cross_entropy(X, T[:3])
     with pytest.raises(ValueError, match=r'batch sizes do not match.*holds 4 items.*has 5 elements'):
         CrossEntropyLossFlat()(X, torch.tensor([0, 1, 2, 0, 1]))

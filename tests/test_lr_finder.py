@@ -6,8 +6,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset, DataLoader as TorchDataLoader
 
-from course_lib.data import DataLoaders
-from course_lib.learner import Learner, Callback, ProgressCallback
+from course_lib.loader import DataLoaders
+from course_lib.learner import Learner, Callback
+from course_lib.progress import ProgressCallback
 from course_lib.lr_finder import *
 from course_lib.lr_finder import _dl_rngs, _set_dl_rngs
 
@@ -95,7 +96,8 @@ def test_slide_on_a_curve_shorter_than_its_window_uses_the_whole_curve():
 def early_stop_curve():
     "A finder run asked for 100 iterations that stopped after 47 (the window is then points 10..41)."
     lrs = [exp_lr(1e-7, 10, i, 100) for i in range(47)]
-    losses = [3 - 1.5 / (1 + math.exp(-(i - 25) / 4)) + 0.05 * math.sin(i * 1.7) + (0.3 * (i - 40) ** 2 if i > 40 else 0)
+    losses = [3 - 1.5 / (1 + math.exp(-(i - 25) / 4)) + 0.05 * math.sin(i * 1.7)
+              + (0.3 * (i - 40) ** 2 if i > 40 else 0)
               for i in range(47)]
     return lrs, losses
 
@@ -189,10 +191,11 @@ def _assert_same(a, b):
         assert a['opt']['state'].keys() == b['opt']['state'].keys()
         for i in a['opt']['state']:
             for k, v in a['opt']['state'][i].items(): assert torch.equal(v, b['opt']['state'][i][k]), (i, k)
-        assert a['opt']['param_groups'] == b['opt']['param_groups']   # lr, betas, weight decay, split_idx...
+        assert a['opt']['param_groups'] == b['opt']['param_groups']   # lr, betas, weight decay, group_idx...
     assert a['rec'].keys() == b['rec'].keys()
     for k in a['rec']: assert a['rec'][k] == b['rec'][k], k
-    assert a['rng'][0] == b['rng'][0] and np.array_equal(a['rng'][1], b['rng'][1]) and torch.equal(a['rng'][2], b['rng'][2])
+    assert (a['rng'][0] == b['rng'][0] and np.array_equal(a['rng'][1], b['rng'][1])
+            and torch.equal(a['rng'][2], b['rng'][2]))
     assert torch.equal(a['gen'], b['gen'])
     assert a['training'] == b['training']
 

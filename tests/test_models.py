@@ -1,4 +1,5 @@
-"Tests of course_lib.models: pretrained weights (real, loaded by position, clear errors), splitter, freezing, lrs, fine_tune, export."
+("Tests of course_lib.models: pretrained weights (real, loaded by position, clear errors), splitter, freezing, lrs, "
+ "fine_tune, export.")
 import os, time, urllib.error
 from pathlib import Path
 
@@ -7,9 +8,12 @@ import torch
 from torch import nn
 
 os.environ.setdefault('COURSE_LIB_DATA', str(Path(__file__).resolve().parents[2]/'shared'/'data'))
+from course_lib.external import *
+from course_lib.loader import *
 from course_lib.data import *
 from course_lib.augment import *
-from course_lib.learner import Learner, accuracy, load_learner
+from course_lib.learner import Learner, accuracy
+from course_lib.export import load_learner
 from course_lib.models import *
 from course_lib.models import _lite, FrozenBNCallback
 from helpers import notebook_cell
@@ -46,14 +50,16 @@ def test_load_by_position_mismatch_raises():
     bad = dict(sd)
     k = list(bad)[6]
     bad[k] = torch.zeros(3, 1, 3, 3)
-    with pytest.raises(ValueError, match=r"tensor 6 does not fit: the checkpoint's '_blocks.0._depthwise_conv.weight' has shape \(3, 1, 3, 3\)"):
+    with pytest.raises(ValueError, match=r"tensor 6 does not fit: the checkpoint's '_blocks.0._depthwise_conv.weight' "
+                                         r"has shape \(3, 1, 3, 3\)"):
         load_by_position(_lite('efficientnet_lite0', pretrained=False), bad)
     with pytest.raises(ValueError, match='checkpoint has 1 tensors but the model'):
         load_by_position(nn.Linear(2, 2), {'w': torch.zeros(2, 2)})
 
 def test_pretrained_top1_is_species_consistent(lite0):
     files = [SAMPLE/'Bengal_142.jpg', SAMPLE/'Siamese_158.jpg', SAMPLE/'beagle_111.jpg', SAMPLE/'pug_168.jpg']
-    dl = DataLoader(files, bs=8, item_tfms=[Resize(224)], batch_tfms=[Normalize(*arch_meta(efficientnet_lite0)['stats'])])
+    dl = DataLoader(files, bs=8, item_tfms=[Resize(224)],
+                    batch_tfms=[Normalize(*arch_meta(efficientnet_lite0)['stats'])])
     with torch.no_grad(): top1 = lite0(next(iter(dl))[0]).argmax(1)
     got = [imagenet_species(int(k)) for k in top1]
     assert got == [pet_species(f) for f in files], [imagenet_categories()[int(k)] for k in top1]
@@ -71,7 +77,8 @@ def test_resnet_without_weights_fails_fast_and_clearly(tmp_path, monkeypatch):
         assert time.perf_counter() - t0 < 5   # the simulated network fails at once: proves it does not hang
     finally: torch.hub.set_dir(old)
     msg = str(e.value)
-    assert 'pretrained=False' in msg and str(tmp_path/'checkpoints'/'resnet34-b627a593.pth') in msg and 'TORCH_HOME' in msg
+    assert ('pretrained=False' in msg and str(tmp_path/'checkpoints'/'resnet34-b627a593.pth') in msg
+            and 'TORCH_HOME' in msg)
 
 def test_resnet_real_download_attempt_is_bounded(tmp_path):
     "Without monkeypatching: on this offline machine the real attempt fails within the timeout."
@@ -140,7 +147,8 @@ def test_splitter_covers_every_parameter_once(arch):
     ids = [id(p) for g in groups for p in g]
     assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in m.parameters()}
 
-def _bn_ids(model): return {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
+def _bn_ids(model): return {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                            for p in m.parameters()}
 
 def test_freeze_unfreeze_freeze_to(dls):
     learn = vision_learner(dls, efficientnet_lite0, metrics=accuracy, path='/tmp')
@@ -199,7 +207,8 @@ def test_fine_tune_phases(dls, monkeypatch):
     assert (calls[1][1].start, calls[1][1].stop) == pytest.approx((1e-5, 1e-3))
     rows = learn.history.rows
     assert [(r['fit'], r['phase'], r['epoch']) for r in rows] == [(0, 'frozen', 0), (1, 'unfrozen', 0)]
-    # peak lrs: the frozen phase has slice(2e-3) -> 2e-4, 2e-4, 2e-3 (up to where the cosine was sampled); unfrozen is halved
+    # peak lrs: the frozen phase has slice(2e-3) -> 2e-4, 2e-4, 2e-3 (up to where the cosine was sampled);
+    # unfrozen is halved
     f, u = rows[0]['peak_lrs'], rows[-1]['peak_lrs']
     assert f[0] == pytest.approx(f[2] / 10) and u[0] == pytest.approx(u[2] / 100)
     assert f[2] <= 2e-3 and u[2] <= 1e-3 and u[2] > 1e-3 / 5
@@ -210,7 +219,8 @@ def test_lr_find_is_not_in_history(dls):
     assert learn.history.rows == [] and learn.history.lrs == []
 
 def test_export_roundtrip_identical_predictions(dls, tmp_path):
-    learn = vision_learner(dls, efficientnet_lite0, metrics=accuracy, path=tmp_path, lin_ftrs=[], ps=0.1, train_bn=False)
+    learn = vision_learner(dls, efficientnet_lite0, metrics=accuracy, path=tmp_path, lin_ftrs=[], ps=0.1,
+                           train_bn=False)
     learn.fit(1, 1e-3)
     fname = learn.export('pets.pth')
     spec = torch.load(fname, weights_only=True)['model_spec']

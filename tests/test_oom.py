@@ -4,8 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from course_lib.data import DataLoaders
+from course_lib.loader import DataLoaders
+from course_lib.optimizer import *
 from course_lib.learner import *
+from course_lib.progress import *
+from course_lib.schedule import *
+from course_lib.export import *
+from course_lib.oom import *
 
 
 class TensorLoader:
@@ -97,7 +102,8 @@ def test_even_one_item_does_not_fit(one_thread):
 
 
 def test_cpu_allocator_message_counts_as_oom_and_other_errors_pass_through(one_thread):
-    learn = learner(FitsAtMost(10, exc=RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB")))
+    learn = learner(FitsAtMost(10, exc=RuntimeError("DefaultCPUAllocator: can't allocate memory: "
+                                                    "you tried to allocate 9 GB")))
     with pytest.raises(BatchTooLargeError, match="cpu ran out of memory"):
         learn.fit(1)
     learn = learner(FitsAtMost(10, exc=RuntimeError('mat1 and mat2 shapes cannot be multiplied')))
@@ -109,7 +115,8 @@ def test_cpu_allocator_message_counts_as_oom_and_other_errors_pass_through(one_t
 def test_loader_without_bs_gets_advice_not_a_crash(one_thread):
     from torch.utils.data import TensorDataset, DataLoader as TorchDataLoader
     x, y = torch.randn(64, 2), torch.randint(0, 2, (64,))
-    d = DataLoaders(TorchDataLoader(TensorDataset(x, y), batch_size=32), TorchDataLoader(TensorDataset(x, y), batch_size=32))
+    d = DataLoaders(TorchDataLoader(TensorDataset(x, y), batch_size=32),
+                    TorchDataLoader(TensorDataset(x, y), batch_size=32))
     learn = Learner(d, FitsAtMost(10), lr=0.1)
     with pytest.raises(BatchTooLargeError, match='smaller batch size'):
         learn.fit(1, auto_bs=True)
@@ -159,7 +166,8 @@ def test_oom_messages_fit_their_context(one_thread):
     assert 'auto_bs=True' not in str(ei.value)    # lr_find has no auto_bs
     from torch.utils.data import TensorDataset, DataLoader as TorchDataLoader
     x, y = torch.randn(64, 2), torch.randint(0, 2, (64,))
-    d = DataLoaders(TorchDataLoader(TensorDataset(x, y), batch_size=32), TorchDataLoader(TensorDataset(x, y), batch_size=32))
+    d = DataLoaders(TorchDataLoader(TensorDataset(x, y), batch_size=32),
+                    TorchDataLoader(TensorDataset(x, y), batch_size=32))
     with pytest.raises(BatchTooLargeError) as ei:
         Learner(d, FitsAtMost(10), lr=0.1).fit(1)
     assert 'bs=None' not in str(ei.value) and 'train batch 0 of 2' in str(ei.value)

@@ -1,4 +1,5 @@
-"""Repository hygiene: README rendered from nbs/index.ipynb, CI runs the README's commands, notebooks clean and small."""
+"""Repository hygiene: README rendered from nbs/index.ipynb, CI runs the README's commands, notebooks clean \
+and small."""
 import json, re, subprocess, sys
 from pathlib import Path
 
@@ -12,8 +13,8 @@ def _fenced_sh(md, heading):
 
 
 def test_readme_is_rendered_from_index(tmp_path):
-    subprocess.run([sys.executable, '-m', 'nbconvert', '--to', 'markdown', '--output-dir', str(tmp_path), '--output', 'README',
-                    str(ROOT/'nbs'/'index.ipynb')], check=True, capture_output=True)
+    subprocess.run([sys.executable, '-m', 'nbconvert', '--to', 'markdown', '--output-dir', str(tmp_path),
+                    '--output', 'README', str(ROOT/'nbs'/'index.ipynb')], check=True, capture_output=True)
     assert (tmp_path/'README.md').read_text() == (ROOT/'README.md').read_text(), \
         "README.md is out of date: run `jupyter nbconvert --to markdown --output-dir . --output README nbs/index.ipynb`"
 
@@ -30,11 +31,13 @@ def test_readme_has_one_install_and_one_test_command_and_ci_runs_them():
 def test_notebooks_are_clean_and_small():
     for nb_path in sorted((ROOT/'nbs').glob('*.ipynb')):
         nb = json.loads(nb_path.read_text())
-        assert nb_path.stat().st_size < 600_000, f"{nb_path.name} is {nb_path.stat().st_size:,} bytes: downscale its figures"
+        assert nb_path.stat().st_size < 600_000, \
+            f"{nb_path.name} is {nb_path.stat().st_size:,} bytes: downscale its figures"
         for c in nb['cells']:
             assert c.get('execution_count') is None, f"{nb_path.name}: run nbdev_clean (execution counts left)"
             assert not c.get('metadata'), f"{nb_path.name}: run nbdev_clean (cell metadata left)"
-            assert not any(o.get('output_type') == 'error' for o in c.get('outputs', [])), f"{nb_path.name}: an error output is committed"
+            assert not any(o.get('output_type') == 'error' for o in c.get('outputs', [])), \
+                f"{nb_path.name}: an error output is committed"
 
 
 def test_each_notebook_exports_at_most_one_module():
