@@ -21,6 +21,7 @@ from course_lib.lr_finder import *
 from course_lib.models import *
 from course_lib.callbacks import *
 from course_lib.interpret import *
+from course_lib.tta import *
 from course_lib.architectures import *
 from course_lib.fp16 import *
 from course_lib.hotdog import *
@@ -31,11 +32,13 @@ from course_lib.cpu import *
 import course_lib.external, course_lib.loader, course_lib.data, course_lib.augment, course_lib.losses
 import course_lib.optimizer, course_lib.learner, course_lib.progress, course_lib.schedule, course_lib.export
 import course_lib.oom, course_lib.lr_finder, course_lib.models, course_lib.callbacks, course_lib.interpret
-import course_lib.architectures, course_lib.fp16, course_lib.hotdog, course_lib.keras_lecture, course_lib.cpu
+import course_lib.tta, course_lib.architectures, course_lib.fp16, course_lib.hotdog, course_lib.keras_lecture
+import course_lib.cpu
 _modules = (course_lib.external, course_lib.loader, course_lib.data, course_lib.augment, course_lib.losses,
             course_lib.optimizer, course_lib.learner, course_lib.progress, course_lib.schedule, course_lib.export,
             course_lib.oom, course_lib.lr_finder, course_lib.models, course_lib.callbacks, course_lib.interpret,
-            course_lib.architectures, course_lib.fp16, course_lib.hotdog, course_lib.keras_lecture, course_lib.cpu)
+            course_lib.tta, course_lib.architectures, course_lib.fp16, course_lib.hotdog, course_lib.keras_lecture,
+            course_lib.cpu)
 __all__ = [n for m in _modules for n in m.__all__]
 
 # %% ../nbs/90_all.ipynb #5402ab15

@@ -21,10 +21,11 @@ from .lr_finder import minimum, steep, valley, slide
 from .models import vision_learner, PretrainedWeightsError
 from .interpret import ClassificationInterpretation
 from .cpu import tune_malloc
+from ._utils import sync_device
 
 # %% auto #0
-__all__ = ['PRESETS', 'LR_PICK', 'build_parser', 'resolve_config', 'find_images', 'pets_dataloaders', 'write_report', 'run_pets',
-           'predict_files', 'run_predict', 'main']
+__all__ = ['PRESETS', 'LR_PICK', 'build_parser', 'resolve_config', 'find_images', 'pets_dataloaders', 'estimate_seconds',
+           'write_report', 'run_pets', 'predict_files', 'run_predict', 'main']
 
 # %% ../nbs/14_main_job.ipynb #fbe20b6c
 PRESETS = {
@@ -58,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser('pets', help="train the pet-breed classifier end to end and write a report into --out")
     t.add_argument('--out', required=True, type=Path, help="output folder (created; existing files are overwritten)")
     t.add_argument('--data', type=Path, help="folder of pet photos named like Abyssinian_1.jpg "
-                   "(default: with --preset sample, the sample in $COURSE_LIB_DATA if it is there; "
-                   "otherwise the full dataset, downloaded)")
+                   "(default: with --preset sample, the 8-per-breed sample in $COURSE_LIB_DATA, drawn from the full "
+                   "download if it is not there; with cpu and book, the full dataset, downloaded)")
     t.add_argument('--arch', help="backbone, e.g. efficientnet_lite0/1/2 (offline) or resnet18/34/50 "
                    "(needs torchvision weights)")
     t.add_argument('--preset', choices=sorted(PRESETS), default='sample', help="recipe (default: sample)")
@@ -94,19 +95,21 @@ def resolve_config(args) -> dict:
     return cfg
 
 def find_images(data, kind) -> Path:
-    """The folder of pet photos: `data` if given, else the sample (if `kind` is 'sample' and it exists), else the
-    full dataset."""
+    """The folder of pet photos: `data` if given; for `kind` 'sample' the 8-per-breed sample (the one in the data home,
+    else derived from the full download, seeded); otherwise the full dataset, downloaded the first time."""
     if data is not None:
         data = Path(data)
         if (data/'images').is_dir(): data = data/'images'
         if not data.is_dir(): raise SystemExit(f"course-lib: --data {data} is not a folder of images.")
         return data
     sample = data_home()/'oxford-iiit-pet-sample'/'images'
-    if kind == 'sample' and sample.is_dir(): return sample
-    try: return untar_data(URLs.PETS)/'images'
+    try: return untar_data(URLs.PETS_SAMPLE if kind == 'sample' else URLs.PETS)/'images'
     except DownloadError as e:
-        other = f"put it at {sample.parent}" if kind == 'sample' else "run with --preset sample"
-        raise SystemExit(f"course-lib: the full Oxford-IIIT Pets dataset is needed (or use the sample: {other}; or "
+        if kind == 'sample':
+            raise SystemExit(f"course-lib: the sample is not at {sample.parent} and deriving it (8 photos per breed) "
+                             f"needs the full Oxford-IIIT Pets download, which failed; put a sample there or pass "
+                             f"--data. {e}") from None
+        raise SystemExit(f"course-lib: the full Oxford-IIIT Pets dataset is needed (or run with --preset sample, or "
                          f"pass --data). {e}") from None
 
 def pets_dataloaders(cfg):
@@ -117,6 +120,43 @@ def pets_dataloaders(cfg):
                      item_tfms=Resize(cfg['presize']),
                      batch_tfms=aug_transforms(size=cfg['size'], min_scale=cfg['min_scale'], mult=cfg['mult']))
     return pets.dataloaders(cfg['images'], bs=cfg['bs'], seed=cfg['seed'])
+
+# %% ../nbs/14_main_job.ipynb #67e20324
+def _timed_pass(learn, xb, yb, every_layer:bool) -> float:
+    "Seconds of one forward and backward pass (evaluation mode; no optimiser step; gradients and flags restored)."
+    params, mode = list(learn.model.parameters()), learn.model.training
+    flags = [p.requires_grad for p in params]
+    if every_layer:
+        for p in params: p.requires_grad_(True)
+    learn.model.eval()
+    try:
+        t0 = time.perf_counter()
+        learn.loss_func(learn.model(xb), yb).backward()
+        sync_device(xb.device)
+        return time.perf_counter() - t0
+    finally:
+        for p, f in zip(params, flags): p.requires_grad_(f); p.grad = None
+        learn.model.train(mode)
+
+def _duration(s:float) -> str:
+    return f'{s:.0f} s' if s < 120 else f'{s / 60:.0f} min' if s < 7200 else f'{s / 3600:.1f} h'
+
+def estimate_seconds(learn, cfg) -> float:
+    """Rough seconds that `lr_find` (`cfg['num_it']` steps) and `fine_tune` (`cfg['freeze_epochs']` frozen,
+    `cfg['epochs']` unfrozen) will take here, from timed passes over one validation batch."""
+    dls = learn.dls
+    t0 = time.perf_counter(); xb, yb = dls.valid.one_batch(); t_load = (time.perf_counter() - t0) / len(xb)
+    _timed_pass(learn, xb, yb, False)   # the first pass pays for one-off setup
+    scale = dls.train.bs / len(xb)      # the validation batch may be larger or smaller than a training batch
+    t_frozen = _timed_pass(learn, xb, yb, False) * scale
+    t_full = _timed_pass(learn, xb, yb, True) * scale if cfg['epochs'] else 0.
+    learn.model.eval()
+    with torch.no_grad(): t0 = time.perf_counter(); learn.model(xb); sync_device(xb.device)
+    t_fwd = (time.perf_counter() - t0) / len(xb)
+    learn.model.train()
+    nt, epochs = len(dls.train), cfg['freeze_epochs'] + cfg['epochs']
+    return (cfg['num_it'] * t_frozen + nt * (cfg['freeze_epochs'] * t_frozen + cfg['epochs'] * t_full)
+            + epochs * dls.valid.n * t_fwd + (dls.train.n + dls.valid.n) * t_load)
 
 # %% ../nbs/14_main_job.ipynb #786b8c6f
 def _table(rows) -> str:
@@ -227,6 +267,10 @@ def run_pets(args) -> int:
         state['step'] = 'model'
         learn = _learner(dls, cfg, m, chosen=args.arch is not None)
         learn.path = out
+        m['estimated_s'] = round(estimate_seconds(learn, cfg), 1)
+        print(f"course-lib pets: {dls.train.n} photos to train on, {dls.valid.n} to validate, {len(dls.vocab)} breeds; "
+              f"lr_find and fine_tune should take about {_duration(m['estimated_s'])} on this machine "
+              "(timed on one batch)", flush=True)
         state['step'] = 'lr_find'; write_report(out, state)
         sugg = learn.lr_find(num_it=cfg['num_it'], suggest_funcs=(minimum, steep, valley, slide))
         plot('lr_find.png')

@@ -52,7 +52,7 @@ def test_the_standard_names_are_the_real_modules():
     assert (ns['re'], ns['np'], ns['torch'], ns['F'], ns['nn'], ns['plt']) == (
         re, __import__('numpy'), torch, torch.nn.functional, torch.nn, plt)
     assert ns['Path'] is Path and issubclass(Path, pathlib.Path)
-    assert all(hasattr(ns['Learner'], m) for m in ('fine_tune', 'fit_one_cycle', 'lr_find', 'to_fp16', 'get_preds'))
+    assert all(hasattr(ns['Learner'], m) for m in ('fine_tune', 'fit_one_cycle', 'lr_find', 'to_fp16', 'get_preds', 'tta'))
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 "The `course-lib` program: argument errors, a short end-to-end run with predict, and Ctrl-C leaving a usable report."
-import json, os, signal, subprocess, sys, time
+import json, os, re, shutil, signal, subprocess, sys, time
 from pathlib import Path
 import pytest
 
@@ -64,7 +64,10 @@ def test_short_run_writes_everything_and_predict_reads_it(tmp_path, capsys):
         assert f'{name} = {m[key]:.2e}' in finder, name
     assert 'from the preset or --lr' in finder and m['base_lr'] == 1e-2
     assert m['lr_window'] <= 13 and "slide's 15-point window does not fit" in finder   # the preset's 20 iterations
-    capsys.readouterr()
+    said = capsys.readouterr().out   # before training: how many photos, and an estimate measured here
+    assert re.search(r'237 photos to train on, 59 to validate, 37 breeds; lr_find and fine_tune should take about '
+                     r'\d+ (s|min|h) on this machine', said), said[:500]
+    assert m['estimated_s'] > 0 and said.index('photos to train on') < said.index('epoch')
 
     bad = tmp_path/'notes.jpg'; bad.write_text('not an image')
     good = sorted(SAMPLE.glob('Abyssinian_*.jpg'))[:2]
@@ -137,7 +140,8 @@ def test_full_dataset_that_cannot_be_downloaded_is_a_clear_exit(tmp_path, monkey
     from course_lib.external import DownloadError
     def offline(url, *a, **kw): raise DownloadError(f"Could not download {url}: no network (simulated).")
     monkeypatch.setattr(cli, 'untar_data', offline)
-    with pytest.raises(SystemExit, match=r'full Oxford-IIIT Pets dataset is needed \(or use the sample.*no network'):
+    with pytest.raises(SystemExit,
+                       match=r'full Oxford-IIIT Pets dataset is needed \(or run with --preset sample.*no network'):
         cli.find_images(None, 'full')
 
 
@@ -147,11 +151,31 @@ def test_download_failure_names_the_way_to_the_sample_that_fits_the_preset(tmp_p
     def offline(url, *a, **kw): raise DownloadError(f"Could not download {url}: no network (simulated).")
     monkeypatch.setattr(cli, 'untar_data', offline)
     monkeypatch.setattr(cli, 'data_home', lambda: tmp_path)   # no sample there
-    with pytest.raises(SystemExit, match='or use the sample: run with --preset sample;') as ei:
+    with pytest.raises(SystemExit, match='or run with --preset sample, or pass --data') as ei:
         cli.find_images(None, 'full')
     assert str(tmp_path) not in str(ei.value)
-    with pytest.raises(SystemExit, match=f"or use the sample: put it at {tmp_path/'oxford-iiit-pet-sample'};"):
+    with pytest.raises(SystemExit, match=re.escape(f"the sample is not at {tmp_path/'oxford-iiit-pet-sample'} and "
+                                                   "deriving it (8 photos per breed) needs the full")):
         cli.find_images(None, 'sample')
+
+
+def test_without_the_sample_the_sample_preset_derives_it_from_the_full_download(tmp_path, monkeypatch):
+    "No sample folder: `--preset sample` trains on 8 seeded photos per breed of the full download, not on all of it."
+    import course_lib.cli as cli
+    full = tmp_path/'oxford-iiit-pet'/'images'   # where untar_data(URLs.PETS) unpacks: 'downloaded' already
+    full.mkdir(parents=True)
+    for breed in ('Abyssinian', 'pug', 'great_pyrenees'):
+        for i in range(1, 21): (full/f'{breed}_{i}.jpg').write_bytes(b'not decoded here')
+    monkeypatch.setenv('COURSE_LIB_DATA', str(tmp_path))
+    images = cli.find_images(None, 'sample')
+    assert images == tmp_path/'oxford-iiit-pet-sample'/'images'
+    names = sorted(f.name for f in images.iterdir())
+    assert len(names) == 24 and all(sum(n.startswith(b + '_') for n in names) == 8
+                                    for b in ('Abyssinian', 'pug', 'great_pyrenees'))
+    first = names
+    shutil.rmtree(images.parent)
+    assert sorted(f.name for f in cli.find_images(None, 'sample').iterdir()) == first   # seeded: the same sample
+    assert cli.find_images(None, 'full') == full
 
 
 def _export_file(tmp_path, **changes):
