@@ -19,10 +19,9 @@ os.environ.setdefault('COURSE_LIB_DATA', str(Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from course_lib.external import untar_data, URLs
-from course_lib.data import DataBlock, ImageBlock, CategoryBlock, get_image_files, RegexLabeller, using_attr
-from course_lib.augment import Resize, aug_transforms
+from course_lib.data import get_image_files, RegexLabeller
 from course_lib.progress import ProgressCallback
-from course_lib.cli import PRESETS, _learner
+from course_lib.cli import PRESETS, _learner, pets_dataloaders
 import course_lib.tta  # noqa: F401  (Learner.tta)
 from course_lib.cpu import tune_malloc
 
@@ -43,16 +42,12 @@ def stratified_folds(files, k, seed) -> list:
 
 
 def fold_dataloaders(cfg, images, fold_of, held_out):
-    "The CLI's DataBlock (notebook 14's `pets_dataloaders`) with fold `held_out` as the validation set."
-    files = get_image_files(images)
-    which = dict(zip(files, fold_of))
+    "The CLI's DataLoaders (`pets_dataloaders`, notebook 14) with fold `held_out` as the validation set."
+    which = dict(zip(get_image_files(images), fold_of))
     def splitter(items):
         valid = [i for i, f in enumerate(items) if which[f] == held_out]
         return [i for i, f in enumerate(items) if which[f] != held_out], valid
-    block = DataBlock(blocks=(ImageBlock, CategoryBlock), get_items=get_image_files, splitter=splitter,
-                      get_y=using_attr(BREED, 'name'), item_tfms=Resize(cfg['presize']),
-                      batch_tfms=aug_transforms(size=cfg['size'], min_scale=cfg['min_scale'], mult=cfg['mult']))
-    return block.dataloaders(images, bs=cfg['bs'], seed=cfg['seed'])
+    return pets_dataloaders({**cfg, 'images': images}, splitter=splitter)
 
 
 def run_fold(cfg, images, fold_of, k, with_tta):

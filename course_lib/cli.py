@@ -112,18 +112,18 @@ def find_images(data, kind) -> Path:
         raise SystemExit(f"course-lib: the full Oxford-IIIT Pets dataset is needed (or run with --preset sample, or "
                          f"pass --data). {e}") from None
 
-def pets_dataloaders(cfg):
-    "The chapter's presizing DataBlock on `cfg['images']`."
+def pets_dataloaders(cfg, splitter=None):
+    "The chapter's presizing DataBlock on `cfg['images']`, split by `splitter` (default: seeded at random)."
     pets = DataBlock(blocks=(ImageBlock, CategoryBlock), get_items=get_image_files,
-                     splitter=RandomSplitter(cfg['valid_pct'], seed=cfg['seed']),
+                     splitter=splitter or RandomSplitter(cfg['valid_pct'], seed=cfg['seed']),
                      get_y=using_attr(RegexLabeller(r'(.+)_\d+\.\w+$'), 'name'),
                      item_tfms=Resize(cfg['presize']),
                      batch_tfms=aug_transforms(size=cfg['size'], min_scale=cfg['min_scale'], mult=cfg['mult']))
     return pets.dataloaders(cfg['images'], bs=cfg['bs'], seed=cfg['seed'])
 
 # %% ../nbs/14_main_job.ipynb #67e20324
-def _timed_pass(learn, xb, yb, every_layer:bool) -> float:
-    "Seconds of one forward and backward pass (evaluation mode; no optimiser step; gradients and flags restored)."
+def _timed_pass(learn, xb, yb, every_layer:bool=False, backward:bool=True) -> float:
+    "Seconds of one forward (and backward) pass (evaluation mode; no optimiser step; gradients and flags restored)."
     params, mode = list(learn.model.parameters()), learn.model.training
     flags = [p.requires_grad for p in params]
     if every_layer:
@@ -131,7 +131,9 @@ def _timed_pass(learn, xb, yb, every_layer:bool) -> float:
     learn.model.eval()
     try:
         t0 = time.perf_counter()
-        learn.loss_func(learn.model(xb), yb).backward()
+        if backward: learn.loss_func(learn.model(xb), yb).backward()
+        else:
+            with torch.no_grad(): learn.model(xb)
         sync_device(xb.device)
         return time.perf_counter() - t0
     finally:
@@ -150,10 +152,7 @@ def estimate_seconds(learn, cfg) -> float:
     scale = dls.train.bs / len(xb)      # the validation batch may be larger or smaller than a training batch
     t_frozen = _timed_pass(learn, xb, yb, False) * scale
     t_full = _timed_pass(learn, xb, yb, True) * scale if cfg['epochs'] else 0.
-    learn.model.eval()
-    with torch.no_grad(): t0 = time.perf_counter(); learn.model(xb); sync_device(xb.device)
-    t_fwd = (time.perf_counter() - t0) / len(xb)
-    learn.model.train()
+    t_fwd = _timed_pass(learn, xb, yb, backward=False) / len(xb)
     nt, epochs = len(dls.train), cfg['freeze_epochs'] + cfg['epochs']
     return (cfg['num_it'] * t_frozen + nt * (cfg['freeze_epochs'] * t_frozen + cfg['epochs'] * t_full)
             + epochs * dls.valid.n * t_fwd + (dls.train.n + dls.valid.n) * t_load)
