@@ -4,6 +4,7 @@ model that never trained on it.
     COURSE_LIB_DATA=../shared/data python bench/cv_protocol.py                 # `course-lib pets` defaults, 5 folds
     COURSE_LIB_DATA=../shared/data python bench/cv_protocol.py --tta           # the same models, also scored with TTA
     COURSE_LIB_DATA=../shared/data python bench/cv_protocol.py --arch efficientnet_lite0 --folds 5 --seed 0
+    COURSE_LIB_DATA=../shared/data python bench/cv_protocol.py --validation-run  # without the retraining on everything
 
 The folds are stratified and seeded: each breed's photos are shuffled and dealt round the folds, so each fold holds
 one or two photos of every breed. The recipe (preset `sample` of `course-lib pets`, with the flags given here) is
@@ -19,7 +20,7 @@ os.environ.setdefault('COURSE_LIB_DATA', str(Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from course_lib.external import untar_data, URLs
-from course_lib.data import get_image_files, RegexLabeller
+from course_lib.data import get_image_files, RegexLabeller, RandomSplitter
 from course_lib.progress import ProgressCallback
 from course_lib.cli import PRESETS, _learner, pets_dataloaders
 import course_lib.tta  # noqa: F401  (Learner.tta)
@@ -41,20 +42,22 @@ def stratified_folds(files, k, seed) -> list:
     return [fold[f] for f in files]
 
 
-def fold_dataloaders(cfg, images, fold_of, held_out):
-    "The CLI's DataLoaders (`pets_dataloaders`, notebook 14) with fold `held_out` as the validation set."
+def fold_dataloaders(cfg, images, fold_of, held_out, validation_run=False):
+    """The CLI's DataLoaders (`pets_dataloaders`, notebook 14) with fold `held_out` as the validation set; with
+    `validation_run`, trained only on what the CLI's validation run would train on (its RandomSplitter's training part)."""
     which = dict(zip(get_image_files(images), fold_of))
     def splitter(items):
-        valid = [i for i, f in enumerate(items) if which[f] == held_out]
-        return [i for i, f in enumerate(items) if which[f] != held_out], valid
+        train = [i for i, f in enumerate(items) if which[f] != held_out]
+        if validation_run: train = [train[j] for j in RandomSplitter(cfg['valid_pct'], seed=cfg['seed'])(train)[0]]
+        return train, [i for i, f in enumerate(items) if which[f] == held_out]
     return pets_dataloaders({**cfg, 'images': images}, splitter=splitter)
 
 
-def run_fold(cfg, images, fold_of, k, with_tta):
+def run_fold(cfg, images, fold_of, k, with_tta, validation_run=False):
     "(accuracy, accuracy with TTA or None, correct, n, seconds) of the recipe trained without fold `k`."
     t0 = time.perf_counter()
     torch.manual_seed(cfg['seed'])
-    dls = fold_dataloaders(cfg, images, fold_of, k)
+    dls = fold_dataloaders(cfg, images, fold_of, k, validation_run)
     learn = _learner(dls, cfg, {}, chosen=True).remove_cb(ProgressCallback)
     learn.fine_tune(cfg['epochs'], base_lr=cfg['lr'], freeze_epochs=cfg['freeze_epochs'])
     probs, targs = learn.get_preds()
@@ -73,6 +76,8 @@ def main(argv=None):
     p.add_argument('--freeze-epochs', type=int)
     p.add_argument('--lr', type=float)
     p.add_argument('--tta', action='store_true', help='also score each fold with learn.tta() (same models)')
+    p.add_argument('--validation-run', action='store_true',
+                   help="train each fold's model as the CLI's validation run does (80%% of the other folds)")
     args = p.parse_args(argv)
     cfg = dict(PRESETS['sample'])
     for key in ('arch', 'size', 'freeze_epochs', 'lr'):
@@ -81,13 +86,16 @@ def main(argv=None):
     images = untar_data(URLs.PETS_SAMPLE)/'images'
     files = get_image_files(images)
     fold_of = stratified_folds(files, args.folds, args.seed)
+    share = "the validation run's share of" if args.validation_run else 'all of'
     print(f"recipe: {cfg['arch']}, {cfg['size']} px, {cfg['head']} head, fine_tune({cfg['epochs']}, "
           f"freeze_epochs={cfg['freeze_epochs']}) at {cfg['lr']}, label smoothing {cfg['label_smoothing']}; "
-          f"{len(files)} photos, {args.folds} stratified folds (seed {args.seed}); {os.cpu_count()} CPUs, "
+          f"{len(files)} photos, {args.folds} stratified folds (seed {args.seed}), each model trained on "
+          f"{share} the other folds; "
+          f"{os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     rows = []
     for k in range(args.folds):
-        right, tta_right, n, s = run_fold(cfg, images, fold_of, k, args.tta)
+        right, tta_right, n, s = run_fold(cfg, images, fold_of, k, args.tta, args.validation_run)
         rows.append((right, tta_right, n, s))
         extra = f", with TTA {tta_right / n:.1%}" if args.tta else ''
         print(f"fold {k}: {right}/{n} = {right / n:.1%}{extra}, trained and scored in {s:.0f} s", flush=True)

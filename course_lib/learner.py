@@ -8,7 +8,7 @@ __all__ = ['EVENTS', 'CancelFitException', 'CancelEpochException', 'CancelTrainE
            'Learner', 'patch_to']
 
 # %% ../nbs/04b_learner.ipynb #5ef71051
-import math, re, time
+import math, re, time, warnings
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
@@ -260,10 +260,13 @@ def _check_fit_args(learn, n_epoch, lr, loaders=('train', 'valid')):
     for name in loaders:
         dl = getattr(learn.dls, name, None)
         if dl is None: raise ValueError(f"dls has no {name!r} DataLoader; a Learner needs dls.train and dls.valid")
-        if len_or_0(dl) == 0:
-            raise ValueError(f"the {name} DataLoader is empty (len(dls.{name}) == 0): no batches to run. Check that "
-                             f"the {name} set has items and that the batch size is not larger than the set with "
-                             "drop_last")
+        if len_or_0(dl) > 0: continue
+        if name == 'valid' and getattr(dl, 'n', len_or_0(getattr(dl, 'dataset', ()))) == 0:
+            warnings.warn("the validation set has no items: fit only trains, and valid_loss and the metrics stay "
+                          "empty (right when training on every photo; otherwise keep a share out)", stacklevel=3)
+            continue
+        raise ValueError(f"the {name} DataLoader is empty (len(dls.{name}) == 0): no batches to run. Check that "
+                         f"the {name} set has items and that the batch size is not larger than the set with drop_last")
 
 def _not_finite_error(learn) -> LossNotFiniteError:
     lrs = ', '.join(f'{v:.3g}' for v in learn.get_hyper('lr'))
@@ -324,9 +327,7 @@ def set_lrs(self:Learner, lr):
 def _nbytes(o) -> int:
     "Bytes of the tensors in a nest of dicts, lists and tuples: about what `torch.save` will write."
     if isinstance(o, Tensor): return o.numel() * o.element_size()
-    if isinstance(o, dict): return sum(_nbytes(v) for v in o.values())
-    if isinstance(o, (list, tuple)): return sum(_nbytes(v) for v in o)
-    return 0
+    return sum(_nbytes(v) for v in (o.values() if isinstance(o, dict) else o if isinstance(o, (list, tuple)) else ()))
 
 @patch_to(Learner)
 def save(self:Learner, name:str, with_opt:bool=True) -> Path:
@@ -380,16 +381,14 @@ def get_preds(self:Learner, dl=None, with_loss:bool=False):
 def _per_item_loss(loss_func, pred, *yb):
     if not hasattr(loss_func, 'reduction'):
         raise ValueError(f"with_loss=True needs a loss function with a `reduction` attribute; {loss_func!r} has none")
-    old = loss_func.reduction
-    loss_func.reduction = 'none'
+    old, loss_func.reduction = loss_func.reduction, 'none'
     try: return loss_func(pred, *yb)
     finally: loss_func.reduction = old
 
 @patch_to(Learner)
 def predict(self:Learner, item):
     "(label, index, probabilities) for one item (for images: a path or PIL image), via `dls.test_dl([item])`."
-    batch = next(iter(self.dls.test_dl([item])))
-    was_training = self.model.training
+    batch, was_training = next(iter(self.dls.test_dl([item]))), self.model.training
     self.model.to(self.device).eval()
     try:
         with torch.no_grad():

@@ -3,7 +3,8 @@ import json, os, re, shutil, signal, subprocess, sys, time
 from pathlib import Path
 import pytest
 
-from course_lib.cli import build_parser, resolve_config, main
+from course_lib.cli import build_parser, resolve_config, main, PRESETS
+from course_lib.report import PROTOCOL, protocol_estimate, write_report
 from course_lib.external import data_home
 
 SAMPLE = data_home()/'oxford-iiit-pet-sample'/'images'
@@ -25,6 +26,13 @@ def parse(*argv): return build_parser().parse_args(list(argv))
 def test_bad_arguments_are_named(argv, msg, capsys):
     with pytest.raises(SystemExit) as ei: build_parser().parse_args(argv)
     assert ei.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_help_names_the_protocol(capsys):
+    with pytest.raises(SystemExit): build_parser().parse_args(['pets', '--help'])
+    said = ' '.join(capsys.readouterr().out.split())
+    assert '5-fold cross-validation on the sample' in said and 'bench/cv_protocol.py' in said
+    assert '--retrain, --no-retrain' in said
 
 
 def test_config_errors(tmp_path):
@@ -65,9 +73,15 @@ def test_short_run_writes_everything_and_predict_reads_it(tmp_path, capsys):
     assert 'from the preset or --lr' in finder and m['base_lr'] == 1e-2
     assert m['lr_window'] <= 13 and "slide's 15-point window does not fit" in finder   # the preset's 20 iterations
     said = capsys.readouterr().out   # before training: how many photos, and an estimate measured here
-    assert re.search(r'237 photos to train on, 59 to validate, 37 breeds; lr_find and fine_tune should take about '
-                     r'\d+ (s|min|h) on this machine', said), said[:500]
+    assert re.search(r'237 photos to train on, 59 to validate, then all 296 again for the exported model, 37 breeds; '
+                     r'training should take about \d+ (s|min|h) on this machine', said), said[:500]
     assert m['estimated_s'] > 0 and said.index('photos to train on') < said.index('epoch')
+    # the exported model was trained again on every photo, without a validation set, and the report says so
+    assert m['trained_on']['n'] == 296 and 'all 296 photos (237 training and 59 validation)' in report
+    assert [(r['epoch'], r['valid_loss'], r['accuracy']) for r in m['retrain_epochs']] == [(0, None, None)]
+    assert '## Retraining on every photo' in report and 'the exported model trains on all 296 photos' in said
+    assert abs(m['accuracy_se'] - (m['accuracy'] * (1 - m['accuracy']) / 59) ** 0.5) < 1e-9
+    assert m['protocol'] is None and 'No cross-validated estimate is recorded for this recipe' in report  # --size 64
 
     bad = tmp_path/'notes.jpg'; bad.write_text('not an image')
     good = sorted(SAMPLE.glob('Abyssinian_*.jpg'))[:2]
@@ -80,6 +94,46 @@ def test_short_run_writes_everything_and_predict_reads_it(tmp_path, capsys):
     assert main(['predict', str(out), str(good[0])]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith(str(good[0])) and line.count('%') == 3   # top-3 with probabilities
+
+
+@needs_sample
+def test_no_retrain_exports_the_validation_runs_model(tmp_path, capsys):
+    out = tmp_path/'run'
+    assert main(['pets', '--out', str(out), *QUICK, '--no-retrain']) == 0
+    m = json.loads((out/'metrics.json').read_text())
+    assert m['trained_on']['n'] == 237 and m['retrain_epochs'] == [] and 'again' not in capsys.readouterr().out
+    assert 'trained on the 237 training photos' in (out/'report.md').read_text()
+
+
+def test_the_recorded_estimate_is_for_the_presets_recipe():
+    "PROTOCOL names the recipe it was measured for; changing the preset means running bench/cv_protocol.py again."
+    lite2 = PROTOCOL[0]
+    assert {k: PRESETS['sample'][k] for k in lite2['recipe']} == lite2['recipe'], "re-run bench/cv_protocol.py"
+    for rec in PROTOCOL:
+        for est in (rec['retrained'], rec['validation_run']):
+            assert est is None or (0.5 < est['mean'] < 1 and 0 < est['sd'] < 0.2)
+    cfg = {**PRESETS['sample'], 'seed': 42}
+    assert protocol_estimate(cfg)['mean'] == lite2['retrained']['mean']
+    assert protocol_estimate({**cfg, 'retrain': False})['mean'] == lite2['validation_run']['mean']
+    assert protocol_estimate({**cfg, 'arch': 'efficientnet_lite0'})['mean'] == PROTOCOL[1]['retrained']['mean']
+    assert protocol_estimate({**cfg, 'arch': 'efficientnet_lite0', 'retrain': False}) is None   # not measured
+    assert protocol_estimate({**cfg, 'lr': 3e-3}) is None and protocol_estimate(cfg, own_data=True) is None
+    assert protocol_estimate({**PRESETS['cpu'], 'seed': 42}) is None
+
+
+def test_a_finished_report_quotes_both_figures(tmp_path):
+    cfg = {**PRESETS['sample'], 'seed': 42, 'images': 'pets'}
+    est = protocol_estimate(cfg)
+    m = dict(n_train=237, n_valid=59, n_classes=37, device='cpu', accuracy=0.9, error_rate=0.1, accuracy_se=0.039,
+             seconds_total=140., protocol=est, model='model.pth',
+             trained_on=dict(n=296, n_valid=59, which='all 296 photos (237 training and 59 validation)'))
+    write_report(tmp_path, {'config': cfg, 'preset': 'sample', 'status': 'finished', 'step': 'export',
+                            'metrics': m, 'written': ['model.pth']})
+    report = (tmp_path/'report.md').read_text()
+    assert 'accuracy 0.900) on 59 photos' in report and 'standard error is ±3.9%' in report
+    assert f"**{est['mean']:.1%} ± {est['sd']:.1%}**" in report and 'bench/cv_protocol.py' in report
+    assert 'trained on all 296 photos' in report
+    assert json.loads((tmp_path/'metrics.json').read_text())['protocol']['folds'] == 5
 
 
 @needs_sample

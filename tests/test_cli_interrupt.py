@@ -126,6 +126,6 @@ def test_ctrl_c_while_the_model_is_written_keeps_the_earlier_model(earlier_run, 
 def test_an_earlier_runs_plots_are_named_as_such(earlier_run, tiny_images, tmp_path, monkeypatch, capsys):
     out = tmp_path/'run'; shutil.copytree(earlier_run, out)
     rc, _, m, report = run_interrupted('lr_find', out, tiny_images, monkeypatch, capsys)
-    assert rc == 130 and m['files'] == [] and m['earlier_files'] == list(cli._OUTPUT_FILES)
+    assert rc == 130 and m['files'] == [] and m['earlier_files'] == list(cli.OUTPUT_FILES)
     assert '![' not in report and 'not this one\'s: `lr_find.png`, `loss.png`, `confusion.png`, `model.pth`' in report
     assert load_learner(out/'model.pth') is not None

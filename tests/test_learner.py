@@ -165,9 +165,21 @@ def test_empty_dataloaders():
     dls.train = TorchDataLoader(dls.train.dataset, batch_size=64, drop_last=True)
     with pytest.raises(ValueError, match=r'train DataLoader is empty \(len\(dls.train\) == 0\)'):
         quiet(Learner(dls, mlp())).fit(1)
-    dls = synth_dls(n=40, n_train=40)
+    dls = synth_dls(n=40, bs=64, n_train=20)
+    dls.valid = TorchDataLoader(dls.valid.dataset, batch_size=64, drop_last=True)  # items, but no batch
     with pytest.raises(ValueError, match=r'valid DataLoader is empty'):
         quiet(Learner(dls, mlp())).fit(1)
+
+
+def test_no_validation_items_trains_on_everything():
+    "A validation set without items (training on every photo) trains, warns, records no valid values."
+    learn = quiet(Learner(synth_dls(n=40, n_train=40), mlp(), metrics=[accuracy]))
+    before = [p.detach().clone() for p in learn.model.parameters()]
+    with pytest.warns(UserWarning, match='the validation set has no items: fit only trains'):
+        learn.fit_one_cycle(2, 1e-2)
+    assert [r[2:4] for r in learn.recorder.values] == [[None, None], [None, None]]
+    assert all(r[1] is not None for r in learn.recorder.values)
+    assert any(not torch.equal(a, b) for a, b in zip(before, learn.model.parameters()))
 
 
 def test_nan_loss_stops_with_epoch_batch_lr():
