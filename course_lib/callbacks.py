@@ -11,7 +11,7 @@ import math, numbers, warnings
 import numpy as np
 
 from .learner import Callback, CancelFitException
-from ._utils import is_int, is_real
+from ._utils import is_int, is_real, n_items
 
 # %% ../nbs/08_epochs.ipynb #6360b747
 def lower_is_better(monitor:str) -> bool:
@@ -68,6 +68,10 @@ class TrackerCallback(Callback):
         self.new_best, self.wait = False, 0
         if not self.run: return
         self.idx = self._column()
+        dls = getattr(self.learn, 'dls', None)
+        if self.monitor != 'train_loss' and dls is not None and n_items(getattr(dls, 'valid', None)) == 0:
+            raise ValueError(f"{type(self).__name__} monitors {self.monitor!r}, a validation value, but the validation "
+                             "set has no items (training on every photo?): remove the callback or monitor 'train_loss'")
         if self.reset_on_fit or self.best is None:
             self.best, self.best_epoch = (math.inf if self.lower else -math.inf), None
 

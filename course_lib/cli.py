@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest='command', required=True)
     t = sub.add_parser('pets', help="train the pet-breed classifier end to end and write a report into --out",
                        description="Train the pet-breed classifier end to end and write report.md, metrics.json and "
-                       "model.pth into --out. The report gives this run's validation accuracy and, for a preset's own "
-                       "recipe, the accuracy that 5-fold cross-validation on the sample measured for it "
+                       "model.pth into --out. The report gives this run's validation accuracy and, for the sample "
+                       "preset's recipe, the accuracy that 5-fold cross-validation on the sample measured for it "
                        "(bench/cv_protocol.py: each photo predicted once by a model that never trained on it).")
     t.add_argument('--out', required=True, type=Path, help="output folder (created; existing files are overwritten)")
     t.add_argument('--data', type=Path, help="folder of pet photos named like Abyssinian_1.jpg "
@@ -210,6 +210,10 @@ def _retrained(cfg, m, state):
     finally: state['retrain_epochs'] = [dict(r) for r in learn.history.rows]
     return learn
 
+def _export(learn, m, state, trained_on):
+    m['model'], m['trained_on'] = str(learn.export('model.pth')), trained_on
+    if 'model.pth' not in state['written']: state['written'].append('model.pth')
+
 def _last_report(out, state):
     "The report of a run that stopped; a disk that is full (the likely reason) must not turn it into a traceback."
     try: write_report(out, state)
@@ -232,9 +236,6 @@ def run_pets(args) -> int:
         m.update(n_train=dls.train.n, n_valid=dls.valid.n, n_classes=len(dls.vocab), device=str(dls.device),
                  protocol=protocol_estimate(cfg, own_data=args.data is not None))
         n_all = dls.train.n + dls.valid.n
-        m['trained_on'] = (dict(n=n_all, n_valid=dls.valid.n, which=f"all {n_all} photos ({dls.train.n} training "
-                                f"and {dls.valid.n} validation)") if cfg['retrain'] else
-                           dict(n=dls.train.n, n_valid=dls.valid.n, which=f"the {dls.train.n} training photos"))
         state['step'] = 'model'
         learn = _learner(dls, cfg, m, chosen=args.arch is not None)
         learn.path = out
@@ -260,19 +261,22 @@ def run_pets(args) -> int:
         m['accuracy_se'] = math.sqrt(m['accuracy'] * (1 - m['accuracy']) / m['n_valid'])
         state['most_confused'] = interp.most_confused()
         interp.plot_confusion_matrix(); plot('confusion.png')
-        if cfg['retrain']:
-            state['step'] = 'retrain'; write_report(out, state)
-            print(f"course-lib pets: the exported model trains on all {n_all} photos", flush=True)
-            learn = _retrained(cfg, m, state); learn.path = out
         state['step'] = 'export'
-        m['model'] = str(learn.export('model.pth')); state['written'].append('model.pth')
+        _export(learn, m, state, dict(n=dls.train.n, which=f"the {dls.train.n} training photos"))
+        if cfg['retrain']:   # the validation run's model stays in model.pth until the retrained one replaces it
+            state['step'] = 'retrain'; write_report(out, state)
+            print(f"course-lib pets: the exported model trains again on all {n_all} photos", flush=True)
+            learn = _retrained(cfg, m, state); learn.path = out
+            _export(learn, m, state, dict(n=n_all, which=f"all {n_all} photos ({dls.train.n} training and "
+                                                    f"{dls.valid.n} validation)"))
         m['seconds_total'] = time.time() - t0
         state['status'] = 'finished'
         write_report(out, state)
         est = m['protocol']
         print(f"done in {m['seconds_total']:.0f}s: validation accuracy {m['accuracy']:.3f} ({m['n_valid']} photos, "
-              f"±{m['accuracy_se']:.1%})" + (f"; cross-validated estimate {est['mean']:.1%} ± {est['sd']:.1%}"
-              if est else '') + f"; model.pth trained on {m['trained_on']['which']}; report in {out/'report.md'}")
+              f"±{m['accuracy_se']:.1%})"
+              + (f"; cross-validated estimate {est['mean']:.1%} (sd {est['sd']:.1%} over folds)" if est else '')
+              + f"; model.pth trained on {m['trained_on']['which']}; report in {out/'report.md'}")
         return 0
     except KeyboardInterrupt:
         state['status'] = 'interrupted'; m['seconds_total'] = time.time() - t0

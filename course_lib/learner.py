@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn, Tensor
 
-from ._utils import is_int, len_or_0, patch_to
+from ._utils import is_int, len_or_0, n_items, patch_to
 from .losses import CrossEntropyLossFlat
 from .external import atomic_write
 from .optimizer import Adam, default_splitter, param_groups, group_lrs, set_group_hyper, group_hyper
@@ -261,7 +261,7 @@ def _check_fit_args(learn, n_epoch, lr, loaders=('train', 'valid')):
         dl = getattr(learn.dls, name, None)
         if dl is None: raise ValueError(f"dls has no {name!r} DataLoader; a Learner needs dls.train and dls.valid")
         if len_or_0(dl) > 0: continue
-        if name == 'valid' and getattr(dl, 'n', len_or_0(getattr(dl, 'dataset', ()))) == 0:
+        if name == 'valid' and n_items(dl) == 0:
             warnings.warn("the validation set has no items: fit only trains, and valid_loss and the metrics stay "
                           "empty (right when training on every photo; otherwise keep a share out)", stacklevel=3)
             continue

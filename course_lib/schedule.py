@@ -52,7 +52,7 @@ def fit_one_cycle(self:Learner, n_epoch:int, lr_max=None, div:float=25., div_fin
                   wd=None, moms=(0.95, 0.85, 0.95), cbs=None, auto_bs:bool=False):
     "1cycle: lr from lr_max/div up to lr_max (at pct_start) down to lr_max/div_final along cosines; momentum mirrored."
     lr_max = self.lr if lr_max is None else lr_max
-    _check_fit_args(self, n_epoch, lr_max)
+    _check_fit_args(self, n_epoch, lr_max, loaders=('train',))   # fit checks the validation set
     if self.opt is None: self.create_opt()
     scheds = {'lr': [combined_cos(pct_start, lr / div, lr, lr / div_final) for lr in group_lrs(lr_max, self.n_groups)]}
     if moms is not None: scheds['mom'] = combined_cos(pct_start, *moms)

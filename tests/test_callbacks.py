@@ -227,3 +227,21 @@ def test_epochs_without_a_value_neither_reset_nor_add_to_the_wait(tmp_path):
     with pytest.warns(UserWarning, match='has no value at epoch'):
         learn.fit(6, cbs=[Script(valid_loss=[1.0, None, 1.0, None, 1.0, 0.5]), EarlyStoppingCallback(patience=2)])
     assert len(learn.recorder.values) == 5          # two unimproved epochs (2 and 4): stopped after epoch 4
+
+
+def test_tracking_a_validation_value_without_validation_items_is_an_error(tmp_path):
+    "Training on every photo leaves nothing to monitor: the trackers say so instead of never saving or stopping."
+    for cb in (SaveModelCallback(), EarlyStoppingCallback(monitor='accuracy', patience=1)):
+        learn = make_learner(tmp_path)
+        learn.dls = synth_dls(n=64, bs=16, n_train=64)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            with pytest.raises(ValueError, match=r"monitors '(valid_loss|accuracy)', a validation value, but the "
+                                                 r"validation set has no items"):
+                learn.fit(1, cbs=[cb])
+    learn = make_learner(tmp_path)
+    learn.dls = synth_dls(n=64, bs=16, n_train=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        learn.fit(2, cbs=[SaveModelCallback(monitor='train_loss')])   # a training value is still there to track
+    assert (tmp_path/'models'/'model.pth').exists()

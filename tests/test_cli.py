@@ -1,5 +1,5 @@
 "The `course-lib` program: argument errors, a short end-to-end run with predict, and Ctrl-C leaving a usable report."
-import json, os, re, shutil, signal, subprocess, sys, time
+import json, os, re, shutil, signal, statistics, subprocess, sys, time
 from pathlib import Path
 import pytest
 
@@ -79,7 +79,7 @@ def test_short_run_writes_everything_and_predict_reads_it(tmp_path, capsys):
     # the exported model was trained again on every photo, without a validation set, and the report says so
     assert m['trained_on']['n'] == 296 and 'all 296 photos (237 training and 59 validation)' in report
     assert [(r['epoch'], r['valid_loss'], r['accuracy']) for r in m['retrain_epochs']] == [(0, None, None)]
-    assert '## Retraining on every photo' in report and 'the exported model trains on all 296 photos' in said
+    assert '## Retraining on every photo' in report and 'the exported model trains again on all 296 photos' in said
     assert abs(m['accuracy_se'] - (m['accuracy'] * (1 - m['accuracy']) / 59) ** 0.5) < 1e-9
     assert m['protocol'] is None and 'No cross-validated estimate is recorded for this recipe' in report  # --size 64
 
@@ -107,16 +107,16 @@ def test_no_retrain_exports_the_validation_runs_model(tmp_path, capsys):
 
 def test_the_recorded_estimate_is_for_the_presets_recipe():
     "PROTOCOL names the recipe it was measured for; changing the preset means running bench/cv_protocol.py again."
-    lite2 = PROTOCOL[0]
+    lite2, lite0 = PROTOCOL
     assert {k: PRESETS['sample'][k] for k in lite2['recipe']} == lite2['recipe'], "re-run bench/cv_protocol.py"
-    for rec in PROTOCOL:
-        for est in (rec['retrained'], rec['validation_run']):
-            assert est is None or (0.5 < est['mean'] < 1 and 0 < est['sd'] < 0.2)
+    for est in (lite2['estimate'], lite2['smaller'], lite0['estimate']):
+        assert len(est['folds']) == 5 and abs(sum(est['folds']) / 5 - est['mean']) < 1e-3
+        assert abs(statistics.stdev(est['folds']) - est['sd']) < 1e-3
     cfg = {**PRESETS['sample'], 'seed': 42}
-    assert protocol_estimate(cfg)['mean'] == lite2['retrained']['mean']
-    assert protocol_estimate({**cfg, 'retrain': False})['mean'] == lite2['validation_run']['mean']
-    assert protocol_estimate({**cfg, 'arch': 'efficientnet_lite0'})['mean'] == PROTOCOL[1]['retrained']['mean']
-    assert protocol_estimate({**cfg, 'arch': 'efficientnet_lite0', 'retrain': False}) is None   # not measured
+    est = protocol_estimate(cfg)
+    assert est['mean'] == lite2['estimate']['mean'] and abs(est['se'] - est['sd'] / 5 ** 0.5) < 1e-12
+    assert protocol_estimate({**cfg, 'retrain': False}) == est   # the same recipe, whichever model is exported
+    assert protocol_estimate({**cfg, 'arch': 'efficientnet_lite0'})['mean'] == lite0['estimate']['mean']
     assert protocol_estimate({**cfg, 'lr': 3e-3}) is None and protocol_estimate(cfg, own_data=True) is None
     assert protocol_estimate({**PRESETS['cpu'], 'seed': 42}) is None
 
@@ -126,14 +126,18 @@ def test_a_finished_report_quotes_both_figures(tmp_path):
     est = protocol_estimate(cfg)
     m = dict(n_train=237, n_valid=59, n_classes=37, device='cpu', accuracy=0.9, error_rate=0.1, accuracy_se=0.039,
              seconds_total=140., protocol=est, model='model.pth',
-             trained_on=dict(n=296, n_valid=59, which='all 296 photos (237 training and 59 validation)'))
+             trained_on=dict(n=296, which='all 296 photos (237 training and 59 validation)'))
     write_report(tmp_path, {'config': cfg, 'preset': 'sample', 'status': 'finished', 'step': 'export',
                             'metrics': m, 'written': ['model.pth']})
-    report = (tmp_path/'report.md').read_text()
+    report = ' '.join((tmp_path/'report.md').read_text().split())
     assert 'accuracy 0.900) on 59 photos' in report and 'standard error is ±3.9%' in report
-    assert f"**{est['mean']:.1%} ± {est['sd']:.1%}**" in report and 'bench/cv_protocol.py' in report
+    assert f"**{est['mean']:.1%}** (sd {est['sd']:.1%} over 5 folds, so the mean is known to about ±2.3%)" in report
+    assert 'bench/cv_protocol.py' in report and 'tuned on these photos' in report
     assert 'trained on all 296 photos' in report
-    assert json.loads((tmp_path/'metrics.json').read_text())['protocol']['folds'] == 5
+    assert json.loads((tmp_path/'metrics.json').read_text())['protocol']['n_folds'] == 5
+    m['protocol'] = None
+    write_report(tmp_path, {'config': cfg, 'preset': 'cpu', 'status': 'finished', 'step': 'export', 'metrics': m})
+    assert "only the sample preset's recipes have one" in (tmp_path/'report.md').read_text()
 
 
 @needs_sample

@@ -81,6 +81,8 @@ STEPS = {   # step: (how to interrupt it, the files of this run that must be the
     'interpretation': (lambda mp: interrupt_batches_of(mp, ClassificationInterpretation, 'from_learner', after=0),
                        ['lr_find.png', 'loss.png']),
     'export': (interrupt_export_halfway, ['lr_find.png', 'loss.png', 'confusion.png']),
+    'retrain': (lambda mp: interrupt_batches_of(mp, cli, '_retrained'),
+                ['lr_find.png', 'loss.png', 'confusion.png', 'model.pth']),
 }
 
 
@@ -121,6 +123,13 @@ def test_ctrl_c_while_the_model_is_written_keeps_the_earlier_model(earlier_run, 
     assert (out/'model.pth').read_bytes() == before and load_learner(out/'model.pth').dls.vocab
     assert sorted(p.name for p in out.iterdir()) == sorted(['report.md', 'metrics.json', 'model.pth',
                                                              *STEPS['export'][1]])   # no temporary file
+
+
+def test_ctrl_c_while_retraining_keeps_the_validation_runs_model(tiny_images, tmp_path, monkeypatch, capsys):
+    out = tmp_path/'run'
+    rc, err, m, report = run_interrupted('retrain', out, tiny_images, monkeypatch, capsys)
+    assert rc == 130 and m['step'] == 'retrain' and m['trained_on']['n'] == m['n_train'] < m['n_train'] + m['n_valid']
+    assert f"trained on the {m['n_train']} training photos" in report and load_learner(out/'model.pth').dls.vocab
 
 
 def test_an_earlier_runs_plots_are_named_as_such(earlier_run, tiny_images, tmp_path, monkeypatch, capsys):
