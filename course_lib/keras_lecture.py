@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['top_k', 'TensorLoader', 'tensor_dls', 'mlp', 'reuse_all_but_output', 'set_trainable', 'classifier_head',
-           'sched_power', 'sched_exp', 'sched_piecewise', 'ReduceLROnPlateau']
+           'sched_power', 'sched_exp', 'sched_piecewise', 'ReduceLROnPlateau', 'WeightPenalty', 'MaxNorm',
+           'mc_dropout_predict']
 
 # %% ../nbs/13_keras_transfer_lecture.ipynb #bfb6e0fc
 import copy, math
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from .loader import DataLoaders
+from .learner import Callback
 from .callbacks import TrackerCallback
 from ._utils import check_positive, is_int
 
@@ -54,17 +56,20 @@ def tensor_dls(x_train, y_train, x_valid, y_valid, bs:int=32, seed:int=0, vocab=
                        TensorLoader(x_valid, y_valid, bs * 2), vocab=vocab, device='cpu')
 
 # %% ../nbs/13_keras_transfer_lecture.ipynb #47f7b62d
-def mlp(n_in:int, n_out:int, hidden=(100, 100, 100), p:float=0.) -> nn.Sequential:
-    """Flatten, then `Linear`+`ReLU` for each size in `hidden` (each followed by `Dropout(p)` if `p`), then `Linear`
-    to `n_out`.
+def mlp(n_in:int, n_out:int, hidden=(100, 100, 100), p:float=0., bn:bool=False) -> nn.Sequential:
+    """Flatten, then `Linear` (+ `BatchNorm1d` if `bn`) + `ReLU` for each size in `hidden` (each followed by
+    `Dropout(p)` if `p`), then `Linear` to `n_out`.
 
     >>> [type(l).__name__ for l in mlp(64, 2, hidden=(8,), p=0.2)]
     ['Flatten', 'Linear', 'ReLU', 'Dropout', 'Linear']
+    >>> [type(l).__name__ for l in mlp(64, 2, hidden=(8,), bn=True)]
+    ['Flatten', 'Linear', 'BatchNorm1d', 'ReLU', 'Linear']
     """
     if not 0 <= p < 1: raise ValueError(f"mlp: the dropout probability p must be in [0, 1), got {p!r}")
     layers = [nn.Flatten()]
     for h in hidden:
-        layers += [nn.Linear(n_in, h), nn.ReLU()] + ([nn.Dropout(p)] if p else [])
+        layers += [nn.Linear(n_in, h)] + ([nn.BatchNorm1d(h)] if bn else [])
+        layers += [nn.ReLU()] + ([nn.Dropout(p)] if p else [])
         n_in = h
     return nn.Sequential(*layers, nn.Linear(n_in, n_out))
 
@@ -150,3 +155,39 @@ class ReduceLROnPlateau(TrackerCallback):
             self.learn.set_hyper('lr', [max(lr * self.factor, self.min_lr) for lr in self.learn.get_hyper('lr')])
             self.reductions.append(self.learn.epoch)
             self.wait = 0
+
+# %% ../nbs/13_keras_transfer_lecture.ipynb #c571cd94
+def _weights(model:nn.Module) -> list:
+    return [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+class WeightPenalty(Callback):
+    "Adds `l1·Σ|w| + l2·Σw²` over the weight matrices (not biases or norm layers) to the training loss."
+    def __init__(self, l1:float=0., l2:float=0.):
+        if not (l1 >= 0 and l2 >= 0 and l1 + l2 > 0):
+            raise ValueError(f"WeightPenalty: l1 and l2 must be >= 0 and not both 0, got l1={l1!r}, l2={l2!r}")
+        self.l1, self.l2 = float(l1), float(l2)
+    def penalty(self) -> torch.Tensor:
+        return sum(self.l1 * w.abs().sum() + self.l2 * w.pow(2).sum() for w in _weights(self.learn.model))
+    def after_loss(self):
+        if self.learn.training: self.learn.loss = self.learn.loss + self.penalty()
+
+class MaxNorm(Callback):
+    "After every step, rescale each unit's incoming weights (a row of a `Linear` weight) to a norm of at most `c`."
+    def __init__(self, c:float=3.): self.c = check_positive(c, 'MaxNorm: c')
+    def after_step(self):
+        with torch.no_grad():
+            for m in self.learn.model.modules():
+                if isinstance(m, nn.Linear): m.weight.copy_(torch.renorm(m.weight, 2, 0, self.c))
+
+def mc_dropout_predict(model:nn.Module, x, n:int=30):
+    """(mean, std) of the softmax over `n` passes of `model` on `x` with its dropout layers on and everything else
+    in evaluation mode: Monte-Carlo dropout. The model's mode is restored."""
+    if not is_int(n) or n < 2: raise ValueError(f"mc_dropout_predict: n must be a whole number >= 2, got {n!r}")
+    was = model.training
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout): m.train()
+    try:
+        with torch.no_grad(): probs = torch.stack([model(x).softmax(-1) for _ in range(n)])
+    finally: model.train(was)
+    return probs.mean(0), probs.std(0)

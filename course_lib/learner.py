@@ -133,10 +133,11 @@ def _batch_size(yb):
 class Learner:
     """Trains `model` on `dls` with `loss_func` and an optimiser from `opt_func(param_groups, lr)`. `splitter(model)`
     returns the parameter groups (lists of parameters) that can get different learning rates; `lr` may be a number or
-    a slice (see `group_lrs`)."""
+    a slice (see `group_lrs`). `wd` (weight decay of the decaying parameters) overrides `opt_func`'s; None, the
+    default as in fastai, leaves it to `opt_func`: 0.01 decoupled for `Adam`, 0 for `SGD`, or its `weight_decay=`."""
     default_cbs = [Recorder]   # course_lib.progress adds its ProgressCallback here, as fastai's progress module does
     def __init__(self, dls, model:nn.Module, loss_func=None, opt_func=Adam, lr=1e-3, metrics=None, splitter=None,
-                 cbs=None, wd:float=0.01, path=None, model_dir='models'):
+                 cbs=None, wd:float=None, path=None, model_dir='models'):
         group_lrs(lr, 1)  # validate early
         self.dls, self.model, self.opt_func, self.lr, self.wd = dls, model, opt_func, lr, wd
         self.loss_func = CrossEntropyLossFlat() if loss_func is None else loss_func

@@ -37,14 +37,17 @@ def default_splitter(model:nn.Module) -> list:
     """
     return [list(model.parameters())]
 
-def param_groups(groups:list, model:nn.Module, wd:float) -> list:
+def param_groups(groups:list, model:nn.Module, wd:float=None) -> list:
     """torch parameter-group dicts: each of `groups` (lists of parameters) becomes up to two dicts, with and without
-    decay, tagged with `group_idx`.
+    decay, tagged with `group_idx`. The decaying ones get `weight_decay=wd`; with `wd=None` they get no such key, so
+    the optimiser's own default (its `weight_decay=` argument) applies: a group's value overrides the default.
 
     >>> m = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
     >>> groups = param_groups([list(m.parameters())], m, 0.01)
     >>> [(g['group_idx'], g['decay'], len(g['params']), g['weight_decay']) for g in groups]
     [(0, True, 1, 0.01), (0, False, 3, 0.0)]
+    >>> [g.get('weight_decay') for g in param_groups([list(m.parameters())], m)]
+    [None, 0.0]
     """
     nd, seen, res = no_decay_ids(model), set(), []
     for i, group in enumerate(groups):
@@ -56,18 +59,21 @@ def param_groups(groups:list, model:nn.Module, wd:float) -> list:
             seen.add(id(p))
         decay = [p for p in group if id(p) not in nd]
         no_decay = [p for p in group if id(p) in nd]
-        if decay: res.append(dict(params=decay, weight_decay=wd, group_idx=i, decay=True))
+        own = {} if wd is None else {'weight_decay': wd}
+        if decay: res.append(dict(params=decay, group_idx=i, decay=True, **own))
         if no_decay: res.append(dict(params=no_decay, weight_decay=0., group_idx=i, decay=False))
     if not res: raise ValueError("the splitter returned no parameters; check `splitter(model)`")
     return res
 
-def Adam(param_groups:list, lr:float, betas=(0.9, 0.99), eps:float=1e-5) -> torch.optim.Optimizer:
-    "fastai's default optimiser: Adam with decoupled weight decay (`torch.optim.AdamW`), `weight_decay` per group."
-    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps)
+def Adam(param_groups:list, lr:float, betas=(0.9, 0.99), eps:float=1e-5, wd:float=0.01) -> torch.optim.Optimizer:
+    """fastai's default optimiser: Adam with decoupled weight decay (`torch.optim.AdamW`), `wd` for the groups that
+    do not set their own `weight_decay`."""
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=wd)
 
-def SGD(param_groups:list, lr:float, mom:float=0.9) -> torch.optim.Optimizer:
-    "SGD with momentum. Note: torch's SGD adds `weight_decay` to the gradient (L2), it is not decoupled."
-    return torch.optim.SGD(param_groups, lr=lr, momentum=mom)
+def SGD(param_groups:list, lr:float, mom:float=0.9, wd:float=0.) -> torch.optim.Optimizer:
+    """SGD with momentum; `wd` for the groups that set no `weight_decay` (torch's SGD adds it to the gradient: L2, not
+    decoupled)."""
+    return torch.optim.SGD(param_groups, lr=lr, momentum=mom, weight_decay=wd)
 
 def set_group_hyper(opt:torch.optim.Optimizer, name:str, vals:list):
     "Set `name` ('lr', 'mom' or 'wd') in every torch group from `vals`, one value per parameter group (`group_idx`)."
@@ -77,8 +83,8 @@ def set_group_hyper(opt:torch.optim.Optimizer, name:str, vals:list):
         elif name == 'mom':
             if 'betas' in pg: pg['betas'] = (v, *pg['betas'][1:])
             elif 'momentum' in pg: pg['momentum'] = v
-        elif name == 'wd':
-            if pg.get('decay', True): pg['weight_decay'] = v
+        elif name == 'wd':   # None: leave the optimiser's value
+            if v is not None and pg.get('decay', True): pg['weight_decay'] = v
         else: raise ValueError(f"unknown hyper-parameter {name!r}; use 'lr', 'mom' or 'wd'")
 
 def group_hyper(opt:torch.optim.Optimizer, name:str, n_groups:int) -> list:

@@ -1,8 +1,10 @@
 "Tests for course_lib.keras_lecture that a notebook should not carry: bad inputs, edge cases, properties."
 import pytest, torch
 from torch import nn
+from course_lib.learner import Callback
 from course_lib.keras_lecture import (TensorLoader, tensor_dls, mlp, reuse_all_but_output, set_trainable, top_k,
-                                      classifier_head, sched_power, sched_exp, sched_piecewise, ReduceLROnPlateau)
+                                      WeightPenalty, MaxNorm, mc_dropout_predict, classifier_head, sched_power,
+                                      sched_exp, sched_piecewise, ReduceLROnPlateau)
 
 
 def test_tensor_loader_covers_every_item_once_and_is_reproducible():
@@ -101,3 +103,49 @@ def test_reduce_lr_on_plateau_with_a_real_learner():
 def test_reduce_lr_on_plateau_rejects_bad_arguments():
     with pytest.raises(ValueError, match='factor must be between 0 and 1'): ReduceLROnPlateau(factor=1.)
     with pytest.raises(ValueError, match='patience must be an integer >= 1'): ReduceLROnPlateau(patience=0)
+
+
+def _tiny_learner(*cbs, p=0.):
+    from course_lib.learner import Learner
+    from course_lib.progress import ProgressCallback
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    dls = tensor_dls(x, y, torch.randn(16, 4), torch.randint(0, 3, (16,)), bs=16)
+    return Learner(dls, mlp(4, 3, hidden=(8,), p=p), lr=1e-2, cbs=list(cbs)).remove_cb(ProgressCallback)
+
+
+def test_weight_penalty_adds_l1_and_l2_of_the_weight_matrices_only():
+    learn = _tiny_learner(WeightPenalty(l1=0.01, l2=0.1))
+    ws = [learn.model[1].weight.detach(), learn.model[3].weight.detach()]
+    want = sum(0.01 * float(w.abs().sum()) + 0.1 * float((w ** 2).sum()) for w in ws)
+    assert learn.weight_penalty.penalty().item() == pytest.approx(want, rel=1e-5)
+    seen = []
+    class Spy(Callback):
+        order = 99
+        def after_loss(self): seen.append((self.learn.training, self.learn.loss.item()))
+    plain = _tiny_learner(Spy())
+    plain.fit(1); base = list(seen); seen.clear()
+    _tiny_learner(WeightPenalty(l2=0.1), Spy()).fit(1)
+    assert seen[0][1] > base[0][1]                       # the first training batch: same weights, loss + penalty
+    with pytest.raises(ValueError, match='not both 0'): WeightPenalty()
+    with pytest.raises(ValueError, match='must be >= 0'): WeightPenalty(l2=-1)
+
+
+def test_max_norm_caps_every_unit_after_each_step():
+    learn = _tiny_learner(MaxNorm(0.3))
+    learn.fit(2)
+    for m in learn.model:
+        if isinstance(m, nn.Linear): assert float(m.weight.norm(dim=1).max()) <= 0.3 + 1e-6
+
+
+def test_mc_dropout_varies_between_passes_and_restores_the_mode():
+    model = mlp(4, 3, hidden=(16,), p=0.5).train()
+    x = torch.randn(10, 4)
+    torch.manual_seed(0)
+    mean, std = mc_dropout_predict(model, x, n=20)
+    assert mean.shape == (10, 3) and torch.allclose(mean.sum(1), torch.ones(10), atol=1e-5)
+    assert float(std.max()) > 0 and model.training
+    model.eval(); mc_dropout_predict(model, x, n=2); assert not model.training
+    nodrop = mlp(4, 3, hidden=(16,))
+    assert float(mc_dropout_predict(nodrop, x, n=3)[1].max()) == 0   # no dropout layer: every pass the same
+    with pytest.raises(ValueError, match='n must be a whole number >= 2'): mc_dropout_predict(model, x, n=1)

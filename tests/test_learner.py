@@ -429,3 +429,20 @@ def test_a_single_callback_is_accepted_like_a_list(one_thread):
 def test_get_hyper_before_any_fit_reads_the_initial_lrs():
     learn = quiet(Learner(synth_dls(), mlp(), lr=3e-3))
     assert learn.get_hyper('lr') == [3e-3] and learn.get_hyper('mom') == [0.9]
+
+
+def test_wd_none_leaves_weight_decay_to_the_optimiser():
+    "Learner(wd=None), the default, keeps an opt_func's own weight_decay; a number overrides it; norms never decay."
+    from functools import partial
+    def decays(learn): return sorted({(g['decay'], g['weight_decay']) for g in learn.opt.param_groups})
+    model = lambda: nn.Sequential(nn.Linear(2, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    adamw = partial(torch.optim.AdamW, weight_decay=0.05)
+    for kw, want in [(dict(opt_func=adamw), 0.05), (dict(opt_func=adamw, wd=0.), 0.),
+                     (dict(opt_func=adamw, wd=0.2), 0.2), ({}, 0.01), (dict(opt_func=SGD), 0.),
+                     (dict(opt_func=SGD, wd=1e-3), 1e-3)]:
+        learn = quiet(Learner(synth_dls(n=64), model(), **kw))
+        learn.fit(1)
+        assert decays(learn) == [(False, 0.), (True, want)], kw
+    learn = quiet(Learner(synth_dls(n=64), model(), opt_func=adamw))
+    learn.fit(1, wd=0.3)
+    assert decays(learn) == [(False, 0.), (True, 0.3)]   # fit's wd for this fit

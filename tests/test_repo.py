@@ -57,3 +57,46 @@ def test_readme_main_job_is_one_line_right_after_install():
     after_install = md[md.index('## Install'):]
     blocks = re.findall(r'```sh\n(.*?)```', after_install, flags=re.S)
     assert blocks[1].strip().startswith('course-lib pets') and len(blocks[1].strip().splitlines()) == 1, blocks[:2]
+
+
+def _outputs():
+    "(notebook name, cell index, output) for every saved output of every notebook."
+    for nb in sorted((ROOT/'nbs').glob('*.ipynb')):
+        for i, cell in enumerate(json.loads(nb.read_text())['cells']):
+            for out in cell.get('outputs', []): yield nb.name, i, out
+
+
+def _text(out) -> str:
+    parts = [''.join(out.get('text', ''))] + ['\n'.join(out.get('traceback', []))]
+    parts += [''.join(v) for k, v in out.get('data', {}).items() if k.startswith('text/')]
+    return '\n'.join(parts)
+
+
+def test_outputs_show_no_paths_of_the_machine_that_ran_them():
+    "Committed outputs show paths relative to the data folder or a scratch folder, as the book's Path.BASE_PATH does."
+    import tempfile
+    from course_lib.external import data_home
+    here = [str(p) for p in (data_home(), Path.home(), Path(tempfile.gettempdir()), ROOT.parent) if str(p) != '/']
+    machine = re.compile('|'.join([re.escape(p) + r'\b' for p in here]
+                                  + [r'/tmp/', r'/home/\w', r'/Users/\w', r'/root/', r'ipykernel_\d+', r'site-packages']))
+    found = [f"{nb} cell {i}: ...{m.string[max(0, m.start() - 30):m.end() + 30]!r}..."
+             for nb, i, out in _outputs() for m in [machine.search(_text(out))] if m]
+    assert not found, '\n'.join(found[:20])
+
+
+def test_no_empty_outputs():
+    "No output that shows nothing (a progress bar's leftover, an empty print): the reader would see a blank box."
+    empty = [f"{nb} cell {i}: {out['output_type']}" for nb, i, out in _outputs()
+             if out['output_type'] in ('stream', 'display_data', 'execute_result')
+             and all(k.startswith('text/') for k in out.get('data', {})) and not _text(out).strip()]
+    assert not empty, '\n'.join(empty)
+
+
+def test_every_notebook_is_titled_with_its_number():
+    "The first cell of nbs/NN_name.ipynb starts with '# NN · ' (index.ipynb is the README)."
+    wrong = []
+    for nb in sorted((ROOT/'nbs').glob('*.ipynb')):
+        if nb.name == 'index.ipynb': continue
+        first = ''.join(json.loads(nb.read_text())['cells'][0]['source']).splitlines()[0]
+        if not first.startswith(f"# {nb.name.split('_')[0]} · "): wrong.append(f"{nb.name}: {first!r}")
+    assert not wrong, '\n'.join(wrong)
