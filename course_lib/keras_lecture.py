@@ -158,16 +158,19 @@ class ReduceLROnPlateau(TrackerCallback):
 
 # %% ../nbs/13_keras_transfer_lecture.ipynb #c571cd94
 def _weights(model:nn.Module) -> list:
-    return [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    "The trainable weight matrices of the Linear and convolution layers."
+    return [m.weight for m in model.modules()
+            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and m.weight.requires_grad]
 
 class WeightPenalty(Callback):
-    "Adds `l1·Σ|w| + l2·Σw²` over the weight matrices (not biases or norm layers) to the training loss."
+    "Adds `l1·Σ|w| + l2·Σw²` over the trainable Linear and conv weights (not biases, norms) to the training loss."
     def __init__(self, l1:float=0., l2:float=0.):
         if not (l1 >= 0 and l2 >= 0 and l1 + l2 > 0):
             raise ValueError(f"WeightPenalty: l1 and l2 must be >= 0 and not both 0, got l1={l1!r}, l2={l2!r}")
         self.l1, self.l2 = float(l1), float(l2)
     def penalty(self) -> torch.Tensor:
-        return sum(self.l1 * w.abs().sum() + self.l2 * w.pow(2).sum() for w in _weights(self.learn.model))
+        return sum((self.l1 * w.abs().sum() + self.l2 * w.pow(2).sum() for w in _weights(self.learn.model)),
+                   torch.zeros(()))
     def after_loss(self):
         if self.learn.training: self.learn.loss = self.learn.loss + self.penalty()
 
@@ -177,7 +180,8 @@ class MaxNorm(Callback):
     def after_step(self):
         with torch.no_grad():
             for m in self.learn.model.modules():
-                if isinstance(m, nn.Linear): m.weight.copy_(torch.renorm(m.weight, 2, 0, self.c))
+                if isinstance(m, nn.Linear) and m.weight.requires_grad:   # frozen layers are left alone
+                    m.weight.copy_(torch.renorm(m.weight, 2, 0, self.c))
 
 def mc_dropout_predict(model:nn.Module, x, n:int=30):
     """(mean, std) of the softmax over `n` passes of `model` on `x` with its dropout layers on and everything else
@@ -186,7 +190,7 @@ def mc_dropout_predict(model:nn.Module, x, n:int=30):
     was = model.training
     model.eval()
     for m in model.modules():
-        if isinstance(m, nn.Dropout): m.train()
+        if isinstance(m, nn.modules.dropout._DropoutNd): m.train()
     try:
         with torch.no_grad(): probs = torch.stack([model(x).softmax(-1) for _ in range(n)])
     finally: model.train(was)

@@ -88,11 +88,13 @@ def set_group_hyper(opt:torch.optim.Optimizer, name:str, vals:list):
         else: raise ValueError(f"unknown hyper-parameter {name!r}; use 'lr', 'mom' or 'wd'")
 
 def group_hyper(opt:torch.optim.Optimizer, name:str, n_groups:int) -> list:
-    "The value of 'lr' or 'mom' of each of `n_groups` parameter groups (None where the optimiser has none)."
+    "The value of 'lr', 'mom' or 'wd' of each of `n_groups` parameter groups (None where the optimiser has none)."
     first = {}
     for pg in opt.param_groups: first.setdefault(pg.get('group_idx', 0), pg)
     pgs = [first.get(i, {}) for i in range(n_groups)]
     if name == 'lr': return [pg.get('lr') for pg in pgs]
+    if name == 'wd': return [next((g.get('weight_decay') for g in opt.param_groups if g.get('group_idx', 0) == i
+                                   and g.get('decay', True)), None) for i in range(n_groups)]
     return [pg['betas'][0] if 'betas' in pg else pg.get('momentum') for pg in pgs]
 
 # %% ../nbs/04a_optimizer.ipynb #3bfc38a1

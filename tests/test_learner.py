@@ -445,4 +445,6 @@ def test_wd_none_leaves_weight_decay_to_the_optimiser():
         assert decays(learn) == [(False, 0.), (True, want)], kw
     learn = quiet(Learner(synth_dls(n=64), model(), opt_func=adamw))
     learn.fit(1, wd=0.3)
-    assert decays(learn) == [(False, 0.), (True, 0.3)]   # fit's wd for this fit
+    assert decays(learn) == [(False, 0.), (True, 0.3)] and learn.get_hyper('wd') == [0.3]
+    learn.fit(1)
+    assert learn.get_hyper('wd') == [0.3]   # with Learner(wd=None) a fit's wd stays for later fits, as in fastai

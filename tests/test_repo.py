@@ -76,9 +76,13 @@ def test_outputs_show_no_paths_of_the_machine_that_ran_them():
     "Committed outputs show paths relative to the data folder or a scratch folder, as the book's Path.BASE_PATH does."
     import tempfile
     from course_lib.external import data_home
-    here = [str(p) for p in (data_home(), Path.home(), Path(tempfile.gettempdir()), ROOT.parent) if str(p) != '/']
-    machine = re.compile('|'.join([re.escape(p) + r'\b' for p in here]
-                                  + [r'/tmp/', r'/home/\w', r'/Users/\w', r'/root/', r'ipykernel_\d+', r'site-packages']))
+    here = {str(p.resolve()) for p in (data_home(), Path.home(), Path(tempfile.gettempdir()), ROOT.parent)}
+    here = [p for p in here if len(Path(p).parts) >= 2]   # an absolute path below the root, never '/' alone
+    start = r'(?<![\w./:-])'                              # the start of a path, not the middle of a URL or a word
+    machine = re.compile('|'.join([start + re.escape(p) + r'(?![\w.-])' for p in here]
+                                  + [start + q for q in (r'/tmp/', r'/home/\w', r'/Users/\w', r'/root/',
+                                                         r'/var/folders/')]
+                                  + [r'ipykernel_\d+', r'(site|dist)-packages']))
     found = [f"{nb} cell {i}: ...{m.string[max(0, m.start() - 30):m.end() + 30]!r}..."
              for nb, i, out in _outputs() for m in [machine.search(_text(out))] if m]
     assert not found, '\n'.join(found[:20])
@@ -97,6 +101,6 @@ def test_every_notebook_is_titled_with_its_number():
     wrong = []
     for nb in sorted((ROOT/'nbs').glob('*.ipynb')):
         if nb.name == 'index.ipynb': continue
-        first = ''.join(json.loads(nb.read_text())['cells'][0]['source']).splitlines()[0]
+        first = (''.join(json.loads(nb.read_text())['cells'][0]['source']).splitlines() or [''])[0]
         if not first.startswith(f"# {nb.name.split('_')[0]} · "): wrong.append(f"{nb.name}: {first!r}")
     assert not wrong, '\n'.join(wrong)
