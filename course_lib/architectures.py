@@ -4,18 +4,23 @@
 
 # %% auto #0
 __all__ = ['count_params', 'weight_layers', 'saved_activation_bytes', 'training_memory', 'Throughput', 'measure_arch',
-           'compare_archs', 'show_archs', 'plot_archs']
+           'compare_archs', 'show_archs', 'plot_archs', 'body_features', 'FeatureLoader', 'head_accuracy',
+           'compare_heads', 'show_seeds']
 
 # %% ../nbs/10_deeper_architectures.ipynb #b3cbcb84
 import statistics, time
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 import matplotlib.pyplot as plt
 
 from ._utils import sync_device
-from .learner import Callback, _name
-from .models import vision_learner, arch_name
+from .data import RandomSplitter
+from .learner import Callback, Learner, _name, accuracy
+from .loader import DataLoaders
+from .models import vision_learner, arch_name, create_body, create_head
+from .progress import ProgressCallback
 
 # %% ../nbs/10_deeper_architectures.ipynb #1d201ff9
 def count_params(model:nn.Module) -> tuple:
@@ -153,3 +158,78 @@ def plot_archs(rows:list, metric:str='accuracy', figsize=(10, 2.8)):
     axs[2].bar(x, [r['epoch_s'] for r in rows]); axs[2].set_ylabel('seconds per epoch')
     for ax in axs[1:]: ax.set_xticks(list(x)); ax.set_xticklabels(names, fontsize=8)
     plt.tight_layout()
+
+# %% ../nbs/10_deeper_architectures.ipynb #94388a5c
+def body_features(arch, dl, passes:int=1, seed:int=0) -> torch.Tensor:
+    """Average-pooled output of `arch`'s pretrained body for the items of `dl`, in their order: a tensor (passes, items,
+    features), one slice per pass over `dl` (each pass draws new augmentations if `dl` augments; `seed` seeds the
+    batch transforms). The body runs in eval mode, so its BatchNorm layers use their ImageNet statistics, as a frozen
+    body with `train_bn=False` does during training."""
+    if getattr(dl, 'shuffle', False):
+        raise ValueError("body_features: dl shuffles its items, so the features would not line up with dl.items; "
+                         "use dl.new(items, labels) (no shuffling)")
+    body = create_body(arch).to(dl.device).eval()
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        return torch.stack([torch.cat([body(b[0]).mean((2, 3)).cpu() for b in dl]) for _ in range(passes)])
+
+class FeatureLoader:
+    """Batches `(features, targets)` of cached features `views` (passes, items, features): the k-th pass over the loader
+    reads view `k % passes`. `shuffle` draws a seeded order for every pass."""
+    def __init__(self, views, y, bs:int=32, shuffle:bool=False, drop_last:bool=False, seed:int=0):
+        self.views, self.y, self.bs, self.shuffle, self.drop_last = views, y, bs, shuffle, drop_last
+        self.gen, self.passes = torch.Generator().manual_seed(seed), 0
+    def __len__(self): return len(self.y) // self.bs if self.drop_last else -(-len(self.y) // self.bs)
+    def __iter__(self):
+        x = self.views[self.passes % len(self.views)]
+        self.passes += 1
+        idx = torch.randperm(len(self.y), generator=self.gen) if self.shuffle else torch.arange(len(self.y))
+        for i in range(len(self)):
+            b = idx[i * self.bs:(i + 1) * self.bs]
+            yield x[b], self.y[b]
+
+@contextmanager
+def _one_thread():
+    "Run tiny models on one CPU thread: splitting their small operations between threads costs more than it saves."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try: yield
+    finally: torch.set_num_threads(n)
+
+def head_accuracy(plain, views, y, seed:int, n_out:int=None, epochs:int=6, lr:float=1e-2, valid_pct:float=0.2,
+                  bs:int=32, loss_func=None, lin_ftrs=(), ps=0., first_bn:bool=False) -> float:
+    """Validation accuracy of a new head trained on cached body features. `seed` sets the split
+    (`RandomSplitter(valid_pct, seed)` over the items), the head's initial weights and the batch order. The head
+    (`create_head` after its pooling step, which the features have had) trains on the training items' augmented
+    `views` for `epochs` epochs of one cycle at `lr`, as `fine_tune`'s frozen phase does, and is validated on the
+    validation items' `plain` features."""
+    train, valid = (torch.tensor(i) for i in RandomSplitter(valid_pct, seed)(range(len(y))))
+    with torch.random.fork_rng(devices=[]), _one_thread():
+        torch.manual_seed(seed)
+        head = create_head(plain.shape[-1], n_out or int(y.max()) + 1, lin_ftrs=list(lin_ftrs), ps=ps,
+                           concat_pool=False, first_bn=first_bn)[2:]   # without pooling: the features are pooled
+        dls = DataLoaders(FeatureLoader(views[:, train], y[train], bs, shuffle=True, drop_last=True, seed=seed),
+                          FeatureLoader(plain[None, valid], y[valid], 2 * bs), device='cpu')
+        learn = Learner(dls, head, loss_func=loss_func, metrics=accuracy).remove_cb(ProgressCallback)
+        learn.fit_one_cycle(epochs, lr, pct_start=0.99)
+    return learn.recorder.values[-1][learn.recorder.metric_names.index('accuracy')]
+
+def compare_heads(features:dict, y, seeds, **kwargs) -> dict:
+    "`head_accuracy` for every seed on the features `{arch: (plain, views)}` of each backbone: `{arch: [accuracies]}`."
+    return {arch: [head_accuracy(plain, views, y, s, **kwargs) for s in seeds]
+            for arch, (plain, views) in features.items()}
+
+def _mean_sd(v, sign=''): return f"{100 * statistics.mean(v):{sign}.1f} ± {100 * statistics.stdev(v):.1f}"
+
+def show_seeds(accs:dict, n_valid:int=None):
+    """Print the mean ± sd (sample sd) over seeds of the accuracies `{arch: [one per seed]}` and, for every arch but the
+    first, its paired difference from the first, seed by seed: mean ± sd, and on how many seeds it was higher, equal,
+    lower. All in percentage points."""
+    (first, base), eps = next(iter(accs.items())), 1e-9
+    print(f"{'arch':<20}{'accuracy %':>12}{'min':>6}{'max':>6}   minus {first}: mean ± sd, higher/equal/lower")
+    for name, v in accs.items():
+        d = [a - b for a, b in zip(v, base)]
+        counts = f"{sum(x > eps for x in d)}/{sum(abs(x) <= eps for x in d)}/{sum(x < -eps for x in d)}"
+        diff = f"   {_mean_sd(d, '+'):>11}, {counts}" if name != first else ''
+        print(f"{name:<20}{_mean_sd(v):>12}{100 * min(v):6.1f}{100 * max(v):6.1f}{diff}")
+    if n_valid: print(f"{len(base)} seeds, {n_valid} validation photos each: one photo is {100 / n_valid:.1f} points")

@@ -201,7 +201,7 @@ def to_bf16(self:Learner, min_speedup:float=1.1, **kwargs) -> Learner:
     if speedup >= min_speedup:
         return self.add_cb(MixedPrecision(torch.bfloat16, reason=f"bf16 measured {speedup:.2f}x faster than fp32 on "
                                           f"this CPU {timing}", **kwargs))
-    ratio = f"{1 / speedup:.1f}x slower than" if speedup < 1 else f"only {speedup:.2f}x as fast as"
+    ratio = f"{1 / speedup:.2f}x slower than" if speedup < 1 else f"only {speedup:.2f}x as fast as"
     return _stay_fp32(self, 'to_bf16()',
         f"bf16 autocast measured {ratio} fp32 on this CPU {timing}, so training stays in fp32 (needs min_speedup="
         f"{min_speedup}). CPU flags such as avx512_bf16 do not guarantee fast bf16 kernels. To train in bf16 anyway "

@@ -87,7 +87,7 @@ def test_to_fp32_undoes_and_methods_replace_each_other(monkeypatch):
 
 @pytest.mark.parametrize('t_bf16,expect_bf16,text', [
     (0.5, True, None),                    # measured 2x faster: use bf16, silently
-    (35., False, '35.0x slower than'),    # the slowdown measured on this course's machine
+    (35., False, '35.00x slower than'),    # the slowdown measured on this course's machine
     (1 / 1.05, False, 'only 1.05x as fast as'),  # faster, but below min_speedup=1.1
 ])
 def test_to_bf16_on_cpu_follows_the_measurement(monkeypatch, t_bf16, expect_bf16, text):

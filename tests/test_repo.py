@@ -104,3 +104,24 @@ def test_every_notebook_is_titled_with_its_number():
         first = (''.join(json.loads(nb.read_text())['cells'][0]['source']).splitlines() or [''])[0]
         if not first.startswith(f"# {nb.name.split('_')[0]} · "): wrong.append(f"{nb.name}: {first!r}")
     assert not wrong, '\n'.join(wrong)
+
+
+WIDGET_VIEW = 'application/vnd.jupyter.widget-view+json'   # an ipywidgets output, and the reprs of the usual widgets:
+WIDGET_REPR = re.compile(r'^\s*(\w*Box\(children=|Output\(|\w*(Slider|Progress|Button|Dropdown|Checkbox)\()')
+
+
+def test_widgets_are_saved_as_pictures():
+    """Without a kernel (GitHub, nbviewer) a widget is only its saved state or its repr, e.g. `VBox(children=(
+    FloatLogSlider(...`: no notebook keeps widget state, and a cell that displays a widget also saves its figure."""
+    nbs = sorted((ROOT/'nbs').glob('*.ipynb'))
+    state = [nb.name for nb in nbs if 'widgets' in json.loads(nb.read_text())['metadata']]
+    assert not state, f"saved widget state (metadata.widgets) in {state}: delete it (jq 'del(.metadata.widgets)')"
+    bare = []
+    for nb in nbs:
+        for i, cell in enumerate(json.loads(nb.read_text())['cells']):
+            outs = cell.get('outputs', [])
+            widget = [o for o in outs if WIDGET_VIEW in o.get('data', {})
+                      or WIDGET_REPR.match(''.join(o.get('data', {}).get('text/plain', '')))]
+            if widget and not any(k.startswith('image/') for o in outs for k in o.get('data', {})):
+                bare.append(f"{nb.name} cell {i}: {''.join(widget[0]['data'].get('text/plain', ''))[:60]!r}")
+    assert not bare, "widget outputs without a picture next to them:\n" + '\n'.join(bare)
