@@ -8,7 +8,7 @@ __all__ = ['top_k', 'TensorLoader', 'tensor_dls', 'mlp', 'reuse_all_but_output',
            'mc_dropout_predict']
 
 # %% ../nbs/13_keras_transfer_lecture.ipynb #bfb6e0fc
-import copy, math
+import copy
 
 import torch
 from torch import nn
@@ -16,6 +16,7 @@ from torch import nn
 from .loader import DataLoaders
 from .learner import Callback
 from .callbacks import TrackerCallback
+from .architectures import FeatureLoader
 from ._utils import check_positive, is_int
 
 # %% ../nbs/13_keras_transfer_lecture.ipynb #6c0636da
@@ -33,22 +34,16 @@ def top_k(probs, categories, k:int=3) -> list:
     return [(categories[int(j)], float(q)) for q, j in zip(p, i)]
 
 # %% ../nbs/13_keras_transfer_lecture.ipynb #70e02b9c
-class TensorLoader:
-    """Mini-batches `(x, y)` of in-memory tensors; `shuffle=True` draws a new order each pass from a generator seeded
-    with `seed`."""
+class TensorLoader(FeatureLoader):
+    """Mini-batches `(x, y)` of in-memory tensors: notebook 10's `FeatureLoader` with a single view. `shuffle=True`
+    draws a new order each pass from a generator seeded with `seed`."""
     def __init__(self, x, y, bs:int=32, shuffle:bool=False, seed:int=0):
         if len(x) != len(y):
             raise ValueError(f"TensorLoader: x has {len(x)} rows but y has {len(y)}; they must pair up one to one")
         if not is_int(bs) or bs < 1:
             raise ValueError(f"TensorLoader: bs must be a positive integer, got {bs!r}")
-        self.x, self.y, self.bs, self.shuffle = x, y, int(bs), shuffle
-        self.gen = torch.Generator().manual_seed(seed)
-    def __len__(self): return math.ceil(len(self.x) / self.bs)
-    def __iter__(self):
-        idx = torch.randperm(len(self.x), generator=self.gen) if self.shuffle else torch.arange(len(self.x))
-        for i in range(0, len(idx), self.bs):
-            b = idx[i:i + self.bs]
-            yield self.x[b], self.y[b]
+        super().__init__(x[None], y, int(bs), shuffle=shuffle, seed=seed)
+        self.x = x
 
 def tensor_dls(x_train, y_train, x_valid, y_valid, bs:int=32, seed:int=0, vocab=None):
     "course_lib `DataLoaders` over tensors: shuffled training batches (seeded), validation in order."
