@@ -11,6 +11,7 @@ from course_lib.learner import Learner, Callback
 from course_lib.progress import ProgressCallback
 from course_lib.lr_finder import *
 from course_lib.lr_finder import _dl_rngs, _set_dl_rngs
+import course_lib.schedule  # noqa: F401  Learner.fit_one_cycle, which a test uses (not imported by lr_finder)
 
 
 def blobs(n=512, bs=32, seed=0, c=5):
