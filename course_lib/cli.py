@@ -4,7 +4,7 @@
 
 # %% ../nbs/14b_main_job.ipynb #a89eaf85
 from __future__ import annotations
-import argparse, json, math, sys, time, warnings
+import argparse, json, math, statistics, sys, time, warnings
 from pathlib import Path
 
 import torch
@@ -25,20 +25,20 @@ from .cpu import tune_malloc
 from ._utils import sync_device
 
 # %% auto #0
-__all__ = ['PRESETS', 'LR_PICK', 'build_parser', 'resolve_config', 'find_images', 'pets_dataloaders', 'estimate_seconds',
-           'run_pets', 'predict_files', 'run_predict', 'main']
+__all__ = ['PRESETS', 'LR_PICK', 'build_parser', 'resolve_config', 'find_images', 'pets_dataloaders', 'photos_that_fit',
+           'estimate_seconds', 'run_pets', 'predict_files', 'run_predict', 'main']
 
 # %% ../nbs/14b_main_job.ipynb #fbe20b6c
 PRESETS = {
     'sample': dict(data='sample', arch='efficientnet_lite2', presize=258, size=224, min_scale=0.75, mult=0.5, bs=32,
                    epochs=0, freeze_epochs=6, lr=1e-2, num_it=20, head='linear', label_smoothing=0.1, valid_pct=0.2,
-                   retrain=True),
+                   retrain=True, cache_mb=2048),
     'cpu': dict(data='full', arch='efficientnet_lite0', presize=258, size=224, min_scale=0.75, mult=0.5, bs=32,
                 epochs=0, freeze_epochs=3, lr=1e-2, num_it=50, head='linear', label_smoothing=0.1, valid_pct=0.2,
-                retrain=False),
+                retrain=False, cache_mb=2048),
     'book': dict(data='full', arch='resnet34', presize=460, size=224, min_scale=0.75, mult=1.0, bs=64,
                  epochs=2, freeze_epochs=1, lr=None, num_it=100, head='book', label_smoothing=0.0, valid_pct=0.2,
-                 retrain=False),
+                 retrain=False, cache_mb=2048),
 }
 # the suggestion used when the preset or --lr 0 leaves the learning rate to the finder (notebook 05)
 LR_PICK = 'minimum'
@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--bs', type=_positive_int, help="batch size")
     t.add_argument('--retrain', action=argparse.BooleanOptionalAction, help="after the validation run, train "
                    "the exported model again on every photo, validation photos too (default: on for sample)")
+    t.add_argument('--cache-mb', type=_nonneg_int, help="memory in MB for decoded, resized photos (default 2048; "
+                   "0: none). When they do not fit, those cached first stay and the rest are decoded on every read; "
+                   "the run prints how many fit and the report gives the hit rate")
     t.add_argument('--seed', type=int, default=42, help="random seed for the split and training (default 42)")
     q = sub.add_parser('predict', help="predict the breed of images with a model trained by `pets`")
     q.add_argument('dir', type=Path, help="the --out folder of a `course-lib pets` run (holds model.pth)")
@@ -91,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_config(args) -> dict:
     "The preset named by `args.preset`, overridden by the flags that were given."
     cfg = dict(PRESETS[args.preset])
-    for k in ('arch', 'size', 'epochs', 'freeze_epochs', 'lr', 'bs', 'seed', 'retrain'):
+    for k in ('arch', 'size', 'epochs', 'freeze_epochs', 'lr', 'bs', 'seed', 'retrain', 'cache_mb'):
         v = getattr(args, k, None)
         if v is not None: cfg[k] = v
     if cfg['epochs'] + cfg['freeze_epochs'] == 0:
@@ -129,23 +132,28 @@ def pets_dataloaders(cfg, splitter=None):
                      get_y=using_attr(RegexLabeller(r'(.+)_\d+\.\w+$'), 'name'),
                      item_tfms=Resize(cfg['presize']),
                      batch_tfms=aug_transforms(size=cfg['size'], min_scale=cfg['min_scale'], mult=cfg['mult']))
-    return pets.dataloaders(cfg['images'], bs=cfg['bs'], seed=cfg['seed'])
+    return pets.dataloaders(cfg['images'], bs=cfg['bs'], seed=cfg['seed'], cache_mb=cfg.get('cache_mb', 2048))
 
 # %% ../nbs/14b_main_job.ipynb #67e20324
-def _timed_pass(learn, xb, yb, every_layer:bool=False, backward:bool=True) -> float:
-    "Seconds of one forward (and backward) pass (evaluation mode; no optimiser step; gradients and flags restored)."
+def _timed_pass(learn, xb, yb, every_layer:bool=False, backward:bool=True, reps:int=3) -> float:
+    """Median seconds of `reps` forward (and backward) passes (evaluation mode; no optimiser step; gradients and flags
+    restored). The median, so that one slow pass (another program busy for a moment) does not skew it."""
     params, mode = list(learn.model.parameters()), learn.model.training
     flags = [p.requires_grad for p in params]
     if every_layer:
         for p in params: p.requires_grad_(True)
     learn.model.eval()
     try:
-        t0 = time.perf_counter()
-        if backward: learn.loss_func(learn.model(xb), yb).backward()
-        else:
-            with torch.no_grad(): learn.model(xb)
-        sync_device(xb.device)
-        return time.perf_counter() - t0
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            if backward: learn.loss_func(learn.model(xb), yb).backward()
+            else:
+                with torch.no_grad(): learn.model(xb)
+            sync_device(xb.device)
+            times.append(time.perf_counter() - t0)
+            for p in params: p.grad = None
+        return statistics.median(times)
     finally:
         for p, f in zip(params, flags): p.requires_grad_(f); p.grad = None
         learn.model.train(mode)
@@ -153,21 +161,38 @@ def _timed_pass(learn, xb, yb, every_layer:bool=False, backward:bool=True) -> fl
 def _duration(s:float) -> str:
     return f'{s:.0f} s' if s < 120 else f'{s / 60:.0f} min' if s < 7200 else f'{s / 3600:.1f} h'
 
+def photos_that_fit(cache, n:int) -> int:
+    "How many of `n` photos like the ones already in `cache` it can hold (0 if it holds none)."
+    return min(n, int(cache.max_bytes // (cache.nbytes / len(cache)))) if len(cache) else 0
+
+def _cache_plan(cache, n_all:int, presize:int) -> str:
+    "What the run says, before it trains, about how much of the decoded data its cache holds."
+    flag = f"--cache-mb {cache.max_mb}"
+    if not cache.max_bytes: return "the decoded-image cache is off (--cache-mb 0): every epoch decodes every photo"
+    if not len(cache): return f"not one decoded photo fits in {flag}: every epoch decodes every photo"
+    need, fit = cache.nbytes / len(cache) * n_all / 2**20, photos_that_fit(cache, n_all)
+    s = f"decoded at Resize({presize}) the {n_all} photos take about {need:,.0f} MB: "
+    if fit >= n_all: return s + f"the cache ({flag}) holds them all, so only the first epoch decodes"
+    return s + (f"the cache ({flag}) holds about {fit}, the other {n_all - fit} are decoded again every epoch "
+                f"(--cache-mb {math.ceil(need * 1.05)} would hold them all)")
+
 def estimate_seconds(learn, cfg) -> float:
     """Rough seconds that `lr_find` (`cfg['num_it']` steps) and `fine_tune` (`cfg['freeze_epochs']` frozen,
     `cfg['epochs']` unfrozen) and, with `cfg['retrain']`, that fine_tune again on every photo will take here, from
-    timed passes over one validation batch."""
+    timed passes over one validation batch. Loading counts a decode for each photo's first read and, for the photos
+    the cache cannot hold, one for every later epoch."""
     dls = learn.dls
     t0 = time.perf_counter(); xb, yb = dls.valid.one_batch(); t_load = (time.perf_counter() - t0) / len(xb)
-    _timed_pass(learn, xb, yb, False)   # the first pass pays for one-off setup
+    _timed_pass(learn, xb, yb, False, reps=1)   # the first pass pays for one-off setup
     scale = dls.train.bs / len(xb)      # the validation batch may be larger or smaller than a training batch
     t_frozen = _timed_pass(learn, xb, yb, False) * scale
     t_full = _timed_pass(learn, xb, yb, True) * scale if cfg['epochs'] else 0.
     t_fwd = _timed_pass(learn, xb, yb, backward=False) / len(xb)
     per_batch, n_all = cfg['freeze_epochs'] * t_frozen + cfg['epochs'] * t_full, dls.train.n + dls.valid.n
-    est = (cfg['num_it'] * t_frozen + len(dls.train) * per_batch
-           + (cfg['freeze_epochs'] + cfg['epochs']) * dls.valid.n * t_fwd + n_all * t_load)
-    return est + (n_all // dls.train.bs * per_batch + n_all * t_load if cfg.get('retrain') else 0.)
+    n_epochs = cfg['freeze_epochs'] + cfg['epochs']
+    decodes = n_all + (n_epochs - 1) * (n_all - photos_that_fit(dls.train.cache, n_all))
+    est = (cfg['num_it'] * t_frozen + len(dls.train) * per_batch + n_epochs * dls.valid.n * t_fwd + decodes * t_load)
+    return est + (n_all // dls.train.bs * per_batch + decodes * t_load if cfg.get('retrain') else 0.)
 
 # %% ../nbs/14b_main_job.ipynb #2c9f0199
 def _savefig(path):
@@ -229,6 +254,9 @@ def run_pets(args) -> int:
              'written': [], 'earlier': [f for f in OUTPUT_FILES if (out/f).exists()]}
     m, t0 = state['metrics'], time.time()
     def plot(name): _savefig(out/name); state['written'].append(name)
+    def step(name):   # the report after every step, with what the cache has saved so far
+        state['step'], m['cache'] = name, dls.train.cache.stats()
+        write_report(out, state)
     torch.manual_seed(cfg['seed'])
     try:
         print(f"course-lib pets: {cfg['arch']}, images from {cfg['images']}", flush=True)
@@ -244,18 +272,19 @@ def run_pets(args) -> int:
         print(f"course-lib pets: {dls.train.n} photos to train on, {dls.valid.n} to validate{again}, "
               f"{len(dls.vocab)} breeds; training should take about {_duration(m['estimated_s'])} on this machine "
               "(timed on one batch)", flush=True)
-        state['step'] = 'lr_find'; write_report(out, state)
+        print(f"course-lib pets: {_cache_plan(dls.train.cache, n_all, cfg['presize'])}", flush=True)
+        step('lr_find')
         sugg = learn.lr_find(num_it=cfg['num_it'], suggest_funcs=(minimum, steep, valley, slide))
         plot('lr_find.png')
         m.update(lr_min=float(sugg.minimum), lr_steep=float(sugg.steep), lr_valley=float(sugg.valley),
                  lr_slide=float(sugg.slide), lr_window=_finder_window(len(learn.lr_find_result.lrs), cfg['num_it']))
         m['base_lr'] = float(cfg['lr'] or getattr(sugg, LR_PICK))
         m['lr_source'] = 'the preset or --lr' if cfg['lr'] else f"the finder's {LR_PICK} suggestion"
-        state['step'] = 'fine_tune'; write_report(out, state)
+        step('fine_tune')
         try: learn.fine_tune(cfg['epochs'], base_lr=m['base_lr'], freeze_epochs=cfg['freeze_epochs'])
         finally: state['epochs'] = [dict(r) for r in learn.history.rows]
         learn.recorder.plot_loss(); plot('loss.png')
-        state['step'] = 'interpretation'; write_report(out, state)
+        step('interpretation')
         interp = ClassificationInterpretation.from_learner(learn)
         m['accuracy'], m['error_rate'] = (float(f(interp.probs, interp.targs)) for f in (accuracy, error_rate))
         m['accuracy_se'] = math.sqrt(m['accuracy'] * (1 - m['accuracy']) / m['n_valid'])
@@ -264,12 +293,12 @@ def run_pets(args) -> int:
         state['step'] = 'export'
         _export(learn, m, state, dict(n=dls.train.n, which=f"the {dls.train.n} training photos"))
         if cfg['retrain']:   # the validation run's model stays in model.pth until the retrained one replaces it
-            state['step'] = 'retrain'; write_report(out, state)
+            step('retrain')
             print(f"course-lib pets: the exported model trains again on all {n_all} photos", flush=True)
             learn = _retrained(cfg, m, state); learn.path = out
             _export(learn, m, state, dict(n=n_all, which=f"all {n_all} photos ({dls.train.n} training and "
                                                     f"{dls.valid.n} validation)"))
-        m['seconds_total'] = time.time() - t0
+        m['seconds_total'], m['cache'] = time.time() - t0, dls.train.cache.stats()
         state['status'] = 'finished'
         write_report(out, state)
         est = m['protocol']

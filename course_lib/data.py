@@ -133,7 +133,8 @@ class DataBlock:
         return [xs[i] for i in train], [ids[i] for i in train], [xs[i] for i in valid], [ids[i] for i in valid], vocab
 
     def dataloaders(self, source, bs=64, val_bs=None, device=None, num_workers=None, cache_mb=2048, seed=None):
-        "Training and validation `DataLoaders` for the items found in `source`."
+        """Training and validation `DataLoaders` for the items found in `source`; both share one `ImageCache` of
+        `cache_mb` megabytes for the decoded images (0: none)."""
         tx, ty, vx, vy, vocab = self.datasets(source)
         if len(tx) < bs:
             warnings.warn(f"Only {len(tx)} training items for bs={bs}: the training loader has no full batch; "

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01b_loader.ipynb #e0f6ffcc
 from __future__ import annotations
-import os, threading, warnings
+import math, os, threading, warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -76,16 +76,48 @@ class FuncItemTransform(ItemTransform):
     def fixed(self, img): return self.f(img)
     def __repr__(self): return f"FuncItemTransform({getattr(self.f, '__name__', self.f)})"
 
+
+
+# %% ../nbs/01b_loader.ipynb #c6eadeac
 class ImageCache:
-    "Thread-safe memory cache of fixed-stage item tensors, up to `max_mb` megabytes."
+    """Thread-safe memory cache of fixed-stage item tensors, at most `max_mb` megabytes (0: no cache). Once full it
+    keeps what it holds and admits nothing more, so epoch after epoch the same items hit (see the notebook)."""
     def __init__(self, max_mb=2048):
-        self.max_bytes, self.nbytes, self.d, self.lock = int(max_mb * 2**20), 0, {}, threading.Lock()
-    def get(self, key): return self.d.get(key)
-    def put(self, key, t):
+        if isinstance(max_mb, bool) or not isinstance(max_mb, (int, float)) or not 0 <= max_mb < math.inf:
+            raise ValueError(f"ImageCache: the cache size (max_mb, or cache_mb of DataBlock.dataloaders) must be a "
+                             f"number of megabytes >= 0 (0 turns the cache off), got {max_mb!r}.")
+        self.max_mb, self.max_bytes, self.nbytes, self.d = max_mb, int(max_mb * 2**20), 0, {}
+        self.lock = threading.Lock()
+        self.reset_stats()
+
+    def reset_stats(self):
+        "Start counting hits, misses and refused items from zero (what is cached stays)."
+        self.hits = self.misses = self.refused = 0
+
+    def get(self, key):
+        x = self.d.get(key)
         with self.lock:
-            if key not in self.d and self.nbytes + t.numel() <= self.max_bytes:
-                self.d[key] = t; self.nbytes += t.numel()
+            if x is None: self.misses += 1
+            else: self.hits += 1
+        return x
+
+    def put(self, key, t):
+        nb = t.numel() * t.element_size()
+        with self.lock:
+            if key in self.d: return
+            if self.nbytes + nb <= self.max_bytes: self.d[key] = t; self.nbytes += nb
+            else: self.refused += 1
+
     def __len__(self): return len(self.d)
+    @property
+    def hit_rate(self): return self.hits / (self.hits + self.misses) if self.hits + self.misses else None
+    def stats(self) -> dict:
+        "What the cache holds and how often it was hit since the last `reset_stats`."
+        return dict(max_mb=self.max_mb, mb=round(self.nbytes / 2**20, 3), items=len(self), hits=self.hits,
+                    misses=self.misses, refused=self.refused, hit_rate=self.hit_rate)
+    def __repr__(self):
+        rate = 'no reads yet' if self.hit_rate is None else f'hit rate {self.hit_rate:.0%}'
+        return f"ImageCache({self.nbytes / 2**20:.3g} of {self.max_mb:.4g} MB, {len(self)} items, {rate})"
 
 # %% ../nbs/01b_loader.ipynb #5e5f69a9
 def default_device() -> torch.device:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/14a_report.ipynb #69437796
 from __future__ import annotations
-import json
+import json, math
 from pathlib import Path
 
 from .external import atomic_write
@@ -45,6 +45,17 @@ def _image(name, state) -> str:
     made = f'{name}.png' in state.get('written', [])
     return f'![{name}]({name}.png)' if made else f'({name}.png: not made by this run)'
 
+def _cache_text(c:dict, n_photos:int) -> str:
+    "The report's line on the decoded-image cache, from `ImageCache.stats()`: what it held and how often it was hit."
+    if c['max_mb'] == 0: return "- decoded-image cache: off (`--cache-mb 0`), so every read decoded its JPEG"
+    rate = 'no reads' if c['hit_rate'] is None else f"{c['hit_rate']:.0%} of {c['hits'] + c['misses']:,} reads"
+    s = f"- decoded-image cache (`--cache-mb {c['max_mb']}`): {c['items']} photos in {c['mb']:.0f} MB; {rate} hit it"
+    if c['refused'] and c['items'] < n_photos:
+        need = math.ceil(c['mb'] / max(c['items'], 1) * n_photos * 1.05) if c['items'] else None
+        s += (f". It was full: the other {n_photos - c['items']} photos were decoded again on every read"
+              + (f" (`--cache-mb {need}` would hold all {n_photos})" if need else ''))
+    return s
+
 def protocol_estimate(cfg, own_data:bool=False) -> dict|None:
     "The cross-validated estimate in `PROTOCOL` for this run's recipe, or None if none applies."
     rec = next((r for r in PROTOCOL if all(cfg.get(k) == v for k, v in r['recipe'].items())), None)
@@ -79,7 +90,9 @@ def write_report(out: Path, state: dict):
               f"label smoothing {cfg['label_smoothing']}, "
               f"fine_tune({cfg['epochs']}, freeze_epochs={cfg['freeze_epochs']}), seed {cfg['seed']}"
               + ('; then the same again on every photo for the exported model' if cfg.get('retrain') else ''),
-              f"- device: {m.get('device', '?')}", '']
+              f"- device: {m.get('device', '?')}"]
+    if 'cache' in m: lines.append(_cache_text(m['cache'], m['n_train'] + m['n_valid']))
+    lines.append('')
     if 'arch_note' in m: lines += [f"**Backbone:** {m['arch_note']}", '']
     if 'lr_min' in m:
         lines += ['## Learning-rate finder', '',

@@ -21,6 +21,8 @@ def parse(*argv): return build_parser().parse_args(list(argv))
     (['pets', '--out', 'x', '--epochs', '-1'], 'expected 0 or more, got -1'),
     (['pets', '--out', 'x', '--bs', '0'], 'expected a number of at least 1, got 0'),
     (['pets', '--out', 'x', '--preset', 'huge'], "invalid choice: 'huge'"),
+    (['pets', '--out', 'x', '--cache-mb', '-1'], 'argument --cache-mb: expected 0 or more, got -1'),
+    (['pets', '--out', 'x', '--cache-mb', '2GB'], "argument --cache-mb: expected a whole number, got '2GB'"),
     (['pets'], 'the following arguments are required: --out'),
 ])
 def test_bad_arguments_are_named(argv, msg, capsys):
@@ -47,8 +49,9 @@ def test_config_errors(tmp_path):
 
 def test_flags_override_the_preset(tmp_path):
     cfg = resolve_config(parse('pets', '--out', str(tmp_path), '--data', str(tmp_path), '--size', '300', '--bs', '8',
-                               '--lr', '0'))
-    assert (cfg['size'], cfg['bs'], cfg['lr']) == (300, 8, None)
+                               '--lr', '0', '--cache-mb', '512'))
+    assert (cfg['size'], cfg['bs'], cfg['lr'], cfg['cache_mb']) == (300, 8, None, 512)
+    assert resolve_config(parse('pets', '--out', str(tmp_path), '--data', str(tmp_path)))['cache_mb'] == 2048
     assert cfg['presize'] >= 300  # the item resize is never smaller than the training size
 
 
@@ -82,6 +85,12 @@ def test_short_run_writes_everything_and_predict_reads_it(tmp_path, capsys):
     assert '## Retraining on every photo' in report and 'the exported model trains again on all 296 photos' in said
     assert abs(m['accuracy_se'] - (m['accuracy'] * (1 - m['accuracy']) / 59) ** 0.5) < 1e-9
     assert m['protocol'] is None and 'No cross-validated estimate is recorded for this recipe' in report  # --size 64
+    # the decoded sample fits in the default cache: each photo read is decoded once, every later read is a hit
+    c = m['cache']
+    assert (c['max_mb'], c['refused']) == (2048, 0) and c['misses'] == c['items'] <= 296 and c['hits'] > c['misses']
+    assert 'the cache (--cache-mb 2048) holds them all' in said
+    line = f"- decoded-image cache (`--cache-mb 2048`): {c['items']} photos in {c['mb']:.0f} MB; {c['hit_rate']:.0%} of"
+    assert line in report
 
     bad = tmp_path/'notes.jpg'; bad.write_text('not an image')
     good = sorted(SAMPLE.glob('Abyssinian_*.jpg'))[:2]
@@ -97,12 +106,15 @@ def test_short_run_writes_everything_and_predict_reads_it(tmp_path, capsys):
 
 
 @needs_sample
-def test_no_retrain_exports_the_validation_runs_model(tmp_path, capsys):
+def test_no_retrain_exports_the_validation_runs_model_and_cache_mb_0_turns_the_cache_off(tmp_path, capsys):
     out = tmp_path/'run'
-    assert main(['pets', '--out', str(out), *QUICK, '--no-retrain']) == 0
-    m = json.loads((out/'metrics.json').read_text())
-    assert m['trained_on']['n'] == 237 and m['retrain_epochs'] == [] and 'again' not in capsys.readouterr().out
-    assert 'trained on the 237 training photos' in (out/'report.md').read_text()
+    assert main(['pets', '--out', str(out), *QUICK, '--no-retrain', '--cache-mb', '0']) == 0
+    m, said = json.loads((out/'metrics.json').read_text()), capsys.readouterr().out
+    report = (out/'report.md').read_text()
+    assert m['trained_on']['n'] == 237 and m['retrain_epochs'] == [] and 'again' not in said
+    assert 'trained on the 237 training photos' in report
+    assert m['config']['cache_mb'] == 0 and m['cache']['items'] == 0 and m['cache']['hits'] == 0
+    assert 'the decoded-image cache is off (--cache-mb 0)' in said and 'decoded-image cache: off' in report
 
 
 def test_the_recorded_estimate_is_for_the_presets_recipe():
