@@ -10,7 +10,7 @@ scale (0.8-1.25) and JPEG quality (70-95), so every file decodes to different pi
 Smaller N are per-breed prefixes of it (hard links). Each measurement runs in a fresh process so its peak RSS is its
 own. Nothing here is asserted: it prints what this machine did, and the growth exponent k of time ~ N^k.
 """
-import argparse, json, math, os, resource, subprocess, sys, tempfile, time
+import argparse, json, math, os, subprocess, sys, tempfile, time
 from pathlib import Path
 import numpy as np
 from PIL import Image
@@ -69,8 +69,11 @@ def subset(full:Path, work:Path, n:int) -> Path:
     return dest
 
 
-def peak_rss_mb(who=resource.RUSAGE_SELF) -> float:
-    r = resource.getrusage(who).ru_maxrss
+def peak_rss_mb(children:bool=False) -> float:
+    "Peak resident memory of this process (or of its finished children), in MB; NaN where `resource` is missing."
+    try: import resource   # not on Windows
+    except ImportError: return math.nan
+    r = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF).ru_maxrss
     return r / 2**20 if sys.platform == 'darwin' else r / 2**10   # bytes on macOS, kilobytes on Linux
 
 
@@ -157,7 +160,7 @@ def measure_cli(folder, cache_mb):
         if p.returncode: raise SystemExit(f"course-lib pets failed:\n{p.stderr[-2000:]}")
         m = json.loads((Path(out)/'metrics.json').read_text())
     return dict(wall_s=wall, estimated_s=m['estimated_s'], accuracy=m['accuracy'], n=m['n_train'] + m['n_valid'],
-                cache=m['cache'], peak_rss_mb=peak_rss_mb(resource.RUSAGE_CHILDREN))
+                cache=m['cache'], peak_rss_mb=peak_rss_mb(children=True))
 
 
 def stage_times(n:int, reps:int=3) -> dict:
