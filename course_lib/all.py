@@ -34,6 +34,7 @@ import course_lib.optimizer, course_lib.learner, course_lib.progress, course_lib
 import course_lib.oom, course_lib.lr_finder, course_lib.models, course_lib.callbacks, course_lib.interpret
 import course_lib.tta, course_lib.architectures, course_lib.fp16, course_lib.hotdog, course_lib.keras_lecture
 import course_lib.cpu
+import course_lib.distributed   # adds learn.distrib_ctx(); its own names: `from course_lib.distributed import *`
 _modules = (course_lib.external, course_lib.loader, course_lib.data, course_lib.augment, course_lib.losses,
             course_lib.optimizer, course_lib.learner, course_lib.progress, course_lib.schedule, course_lib.export,
             course_lib.oom, course_lib.lr_finder, course_lib.models, course_lib.callbacks, course_lib.interpret,

@@ -4,7 +4,7 @@
 
 # %% ../nbs/14b_main_job.ipynb #a89eaf85
 from __future__ import annotations
-import argparse, json, math, statistics, sys, time, warnings
+import argparse, contextlib, io, json, math, statistics, sys, time, warnings
 from pathlib import Path
 
 import torch
@@ -22,6 +22,9 @@ from .lr_finder import minimum, steep, valley, slide
 from .models import vision_learner, PretrainedWeightsError
 from .interpret import ClassificationInterpretation
 from .cpu import tune_malloc
+from .distributed import (init_distributed, launched_by_torchrun, is_main, world_size, rank0_first, barrier,
+                                    relaunch, world_text, DistributedError)
+import torch.distributed as dist
 from ._utils import sync_device
 
 # %% auto #0
@@ -84,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "0: none). When they do not fit, those cached first stay and the rest are decoded on every read; "
                    "the run prints how many fit and the report gives the hit rate")
     t.add_argument('--seed', type=int, default=42, help="random seed for the split and training (default 42)")
+    t.add_argument('--nproc', type=_positive_int, default=1, help="train data-parallel in this many processes on "
+                   "this machine (torchrun, one per GPU; on a CPU they share its cores). --bs stays the global batch")
     q = sub.add_parser('predict', help="predict the breed of images with a model trained by `pets`")
     q.add_argument('dir', type=Path, help="the --out folder of a `course-lib pets` run (holds model.pth)")
     q.add_argument('images', nargs='+', type=Path, help="image files")
@@ -132,7 +137,10 @@ def pets_dataloaders(cfg, splitter=None):
                      get_y=using_attr(RegexLabeller(r'(.+)_\d+\.\w+$'), 'name'),
                      item_tfms=Resize(cfg['presize']),
                      batch_tfms=aug_transforms(size=cfg['size'], min_scale=cfg['min_scale'], mult=cfg['mult']))
-    return pets.dataloaders(cfg['images'], bs=cfg['bs'], seed=cfg['seed'], cache_mb=cfg.get('cache_mb', 2048))
+    ws = world_size()   # under torchrun each process takes its share of the global batch
+    if cfg['bs'] % ws:
+        raise SystemExit(f"course-lib: --bs {cfg['bs']} (the global batch) does not divide by {ws} processes")
+    return pets.dataloaders(cfg['images'], bs=cfg['bs'] // ws, seed=cfg['seed'], cache_mb=cfg.get('cache_mb', 2048))
 
 # %% ../nbs/14b_main_job.ipynb #67e20324
 def _timed_pass(learn, xb, yb, every_layer:bool=False, backward:bool=True, reps:int=3) -> float:
@@ -229,7 +237,7 @@ def _retrained(cfg, m, state):
     dls = pets_dataloaders(cfg, splitter=lambda items: (list(range(len(items))), []))
     learn = _learner(dls, cfg, m, chosen=True)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), learn.distrib_ctx(seed=cfg['seed']):
             warnings.filterwarnings('ignore', message='the validation set has no items')
             learn.fine_tune(cfg['epochs'], base_lr=m['base_lr'], freeze_epochs=cfg['freeze_epochs'])
     finally: state['retrain_epochs'] = [dict(r) for r in learn.history.rows]
@@ -245,59 +253,71 @@ def _last_report(out, state):
     except OSError as e: print(f"course-lib pets: could not write the report either: {e}", file=sys.stderr)
 
 def run_pets(args) -> int:
-    "The `pets` subcommand: data, lr_find, fine_tune, interpretation; files into `args.out`. Returns the exit code."
+    """The `pets` subcommand: data, lr_find, fine_tune, interpretation; files into `args.out`. Returns the exit code.
+    Under torchrun every process runs it and they train together (`distrib_ctx`); rank 0 alone prints and writes."""
     matplotlib.use('Agg')
-    tune_malloc(verbose=True)
+    created = init_distributed()
+    try:
+        with contextlib.nullcontext() if is_main() else contextlib.redirect_stdout(io.StringIO()):
+            return _run_pets(args)
+    finally:
+        if created: dist.destroy_process_group()
+
+def _run_pets(args) -> int:
+    main = is_main()
+    tune_malloc(verbose=main)
     out = Path(args.out); out.mkdir(parents=True, exist_ok=True)
-    cfg = resolve_config(args)
+    cfg = rank0_first(resolve_config, args)   # a download happens once, on rank 0
     state = {'config': cfg, 'preset': args.preset, 'status': 'running', 'step': 'data', 'metrics': {}, 'epochs': [],
              'written': [], 'earlier': [f for f in OUTPUT_FILES if (out/f).exists()]}
     m, t0 = state['metrics'], time.time()
-    def plot(name): _savefig(out/name); state['written'].append(name)
+    def plot(name):
+        if main: _savefig(out/name); state['written'].append(name)
+        else: import matplotlib.pyplot as plt; plt.close('all')
     def step(name):   # the report after every step, with what the cache has saved so far
         state['step'], m['cache'] = name, dls.train.cache.stats()
-        write_report(out, state)
+        if main: write_report(out, state)
     torch.manual_seed(cfg['seed'])
     try:
         print(f"course-lib pets: {cfg['arch']}, images from {cfg['images']}", flush=True)
         dls = pets_dataloaders(cfg)
-        m.update(n_train=dls.train.n, n_valid=dls.valid.n, n_classes=len(dls.vocab), device=str(dls.device),
-                 protocol=protocol_estimate(cfg, own_data=args.data is not None))
+        m.update(n_train=dls.train.n, n_valid=dls.valid.n, n_classes=len(dls.vocab),
+                 device=str(dls.device) + world_text(dls.train.bs),
+                 world_size=world_size(), protocol=protocol_estimate(cfg, own_data=args.data is not None))
         n_all = dls.train.n + dls.valid.n
         state['step'] = 'model'
-        learn = _learner(dls, cfg, m, chosen=args.arch is not None)
+        learn = rank0_first(_learner, dls, cfg, m, chosen=args.arch is not None)   # weights downloaded once
         learn.path = out
-        m['estimated_s'] = round(estimate_seconds(learn, cfg), 1)
-        again = f", then all {n_all} again for the exported model" if cfg['retrain'] else ''
-        print(f"course-lib pets: {dls.train.n} photos to train on, {dls.valid.n} to validate{again}, "
-              f"{len(dls.vocab)} breeds; training should take about {_duration(m['estimated_s'])} on this machine "
-              "(timed on one batch)", flush=True)
-        print(f"course-lib pets: {_cache_plan(dls.train.cache, n_all, cfg['presize'])}", flush=True)
-        step('lr_find')
-        sugg = learn.lr_find(num_it=cfg['num_it'], suggest_funcs=(minimum, steep, valley, slide))
-        plot('lr_find.png')
-        m.update(lr_min=float(sugg.minimum), lr_steep=float(sugg.steep), lr_valley=float(sugg.valley),
-                 lr_slide=float(sugg.slide), lr_window=_finder_window(len(learn.lr_find_result.lrs), cfg['num_it']))
-        m['base_lr'] = float(cfg['lr'] or getattr(sugg, LR_PICK))
-        m['lr_source'] = 'the preset or --lr' if cfg['lr'] else f"the finder's {LR_PICK} suggestion"
-        step('fine_tune')
-        try: learn.fine_tune(cfg['epochs'], base_lr=m['base_lr'], freeze_epochs=cfg['freeze_epochs'])
-        finally: state['epochs'] = [dict(r) for r in learn.history.rows]
+        if main:   # the other processes go on to lr_find, where they wait for rank 0
+            m['estimated_s'] = round(estimate_seconds(learn, cfg), 1)
+            again = f", then all {n_all} again for the exported model" if cfg['retrain'] else ''
+            print(f"course-lib pets: {dls.train.n} photos to train on, {dls.valid.n} to validate{again}, "
+                  f"{len(dls.vocab)} breeds; training should take about {_duration(m['estimated_s'])} on this "
+                  "machine (timed on one batch in one process)", flush=True)
+            print(f"course-lib pets: {_cache_plan(dls.train.cache, n_all, cfg['presize'])}", flush=True)
+        with learn.distrib_ctx(seed=cfg['seed']):   # in a single process it changes nothing
+            step('lr_find')
+            sugg = learn.lr_find(num_it=cfg['num_it'], suggest_funcs=(minimum, steep, valley, slide))
+            plot('lr_find.png')
+            m.update(lr_min=float(sugg.minimum), lr_steep=float(sugg.steep), lr_valley=float(sugg.valley),
+                     lr_slide=float(sugg.slide),
+                     lr_window=_finder_window(len(learn.lr_find_result.lrs), cfg['num_it']))
+            m['base_lr'] = float(cfg['lr'] or getattr(sugg, LR_PICK))
+            m['lr_source'] = 'the preset or --lr' if cfg['lr'] else f"the finder's {LR_PICK} suggestion"
+            step('fine_tune')
+            try: learn.fine_tune(cfg['epochs'], base_lr=m['base_lr'], freeze_epochs=cfg['freeze_epochs'])
+            finally: state['epochs'] = [dict(r) for r in learn.history.rows]
         learn.recorder.plot_loss(); plot('loss.png')
         step('interpretation')
-        interp = ClassificationInterpretation.from_learner(learn)
-        m['accuracy'], m['error_rate'] = (float(f(interp.probs, interp.targs)) for f in (accuracy, error_rate))
-        m['accuracy_se'] = math.sqrt(m['accuracy'] * (1 - m['accuracy']) / m['n_valid'])
-        state['most_confused'] = interp.most_confused()
-        interp.plot_confusion_matrix(); plot('confusion.png')
-        state['step'] = 'export'
-        _export(learn, m, state, dict(n=dls.train.n, which=f"the {dls.train.n} training photos"))
+        if main: _interpret_and_export(learn, m, state, plot)
+        barrier()
         if cfg['retrain']:   # the validation run's model stays in model.pth until the retrained one replaces it
             step('retrain')
             print(f"course-lib pets: the exported model trains again on all {n_all} photos", flush=True)
             learn = _retrained(cfg, m, state); learn.path = out
-            _export(learn, m, state, dict(n=n_all, which=f"all {n_all} photos ({dls.train.n} training and "
-                                                    f"{dls.valid.n} validation)"))
+            if main: _export(learn, m, state, dict(n=n_all, which=f"all {n_all} photos ({dls.train.n} training and "
+                                                            f"{dls.valid.n} validation)"))
+        if not main: return 0
         m['seconds_total'], m['cache'] = time.time() - t0, dls.train.cache.stats()
         state['status'] = 'finished'
         write_report(out, state)
@@ -309,15 +329,28 @@ def run_pets(args) -> int:
         return 0
     except KeyboardInterrupt:
         state['status'] = 'interrupted'; m['seconds_total'] = time.time() - t0
+        if not main: return 130
         _last_report(out, state)
         print(f"\ncourse-lib pets: interrupted during '{state['step']}'. {out} keeps what finished; "
               f"see {out/'report.md'}.", file=sys.stderr)
         return 130
-    except (PretrainedWeightsError, UnreadableImageError, ValueError, OSError) as e:
+    except (PretrainedWeightsError, UnreadableImageError, ValueError, OSError, DistributedError) as e:
         state['status'] = 'failed'; m['error'] = str(e)
-        _last_report(out, state)
-        print(f"course-lib pets: failed during '{state['step']}': {e}", file=sys.stderr)
+        if main: _last_report(out, state)
+        who = f" (rank {dist.get_rank()})" if world_size() > 1 else ''
+        print(f"course-lib pets{who}: failed during '{state['step']}': {e}", file=sys.stderr)
         return 1
+
+def _interpret_and_export(learn, m, state, plot):
+    "Rank 0's part after training: the validation figures, the confusion plot and model.pth."
+    interp = ClassificationInterpretation.from_learner(learn)
+    m['accuracy'], m['error_rate'] = (float(f(interp.probs, interp.targs)) for f in (accuracy, error_rate))
+    m['accuracy_se'] = math.sqrt(m['accuracy'] * (1 - m['accuracy']) / m['n_valid'])
+    state['most_confused'] = interp.most_confused()
+    interp.plot_confusion_matrix(); plot('confusion.png')
+    state['step'] = 'export'
+    n = m['n_train']
+    _export(learn, m, state, dict(n=n, which=f"the {n} training photos"))
 
 # %% ../nbs/14b_main_job.ipynb #aab00407
 def predict_files(model_dir, images, k=3):
@@ -359,6 +392,9 @@ def run_predict(args) -> int:
 
 def main(argv=None) -> int:
     "Entry point of the `course-lib` console script."
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     warnings.filterwarnings('ignore', category=UserWarning, module='torch')
+    if args.command == 'pets' and args.nproc > 1 and not launched_by_torchrun():
+        return relaunch('course_lib', argv, args.nproc, batch=args.bs or PRESETS[args.preset]['bs'])
     return run_pets(args) if args.command == 'pets' else run_predict(args)
