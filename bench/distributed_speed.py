@@ -22,9 +22,9 @@ def worker(args):
     from course_lib.all import (untar_data, URLs, DataBlock, ImageBlock, CategoryBlock, get_image_files,
                                 RandomSplitter, using_attr, RegexLabeller, Resize, aug_transforms, vision_learner,
                                 accuracy, Callback)
-    from course_lib.distributed import barrier, world_size, is_main, init_distributed
+    from course_lib.distributed import barrier, world_size, is_main, init_distributed, rank0_first
     init_distributed()
-    images = untar_data(URLs.PETS_SAMPLE)/'images'
+    images = rank0_first(untar_data, URLs.PETS_SAMPLE)/'images'   # a download, if any, happens once
     ws = world_size()
     pets = DataBlock(blocks=(ImageBlock, CategoryBlock), get_items=get_image_files,
                      splitter=RandomSplitter(0.2, seed=42), get_y=using_attr(RegexLabeller(r'(.+)_\d+\.\w+$'), 'name'),

@@ -238,7 +238,7 @@ def distrib_ctx(self:Learner, backend:str=None, sync_bn:bool=True, seed:int=None
         with undo:
             if created: undo.callback(dist.destroy_process_group)
             _place(self, device, undo)
-            self._distrib_note(sync_bn, device)
+            _distrib_note(self, sync_bn, device)
             if device.type == 'cuda' and sync_bn and _has_batchnorm(self.model):
                 self._plain_bn = use_sync_batchnorm(self.model)   # lr_find needs plain BatchNorm back: see below
                 undo.callback(lambda: self.__dict__.pop('_plain_bn')())
@@ -278,12 +278,11 @@ def _place(learn, device, undo):
     learn.model.to(device)
     undo.callback(learn.model.to, old)
 
-@patch_to(Learner)
-def _distrib_note(self:Learner, sync_bn, device):
+def _distrib_note(learn, sync_bn, device):
     "The one line rank 0 prints on entering `distrib_ctx`."
     if not is_main(): return
-    bs, ws = self.dls.train.bs, world_size()
-    bn = ('' if not _has_batchnorm(self.model) else '; BatchNorm statistics synchronised (SyncBatchNorm)'
+    bs, ws = learn.dls.train.bs, world_size()
+    bn = ('' if not _has_batchnorm(learn.model) else '; BatchNorm statistics synchronised (SyncBatchNorm)'
           if device.type == 'cuda' and sync_bn else '; BatchNorm statistics stay per process (SyncBatchNorm needs CUDA)'
           if device.type != 'cuda' else '; BatchNorm statistics per process (sync_bn=False)')
     print(f"distrib_ctx: {ws} processes ({dist.get_backend()}, {device.type}); bs {bs} per process = {bs * ws} per "
