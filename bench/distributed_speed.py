@@ -52,7 +52,7 @@ def worker(args):
 
 
 def launch(nproc:int, args) -> dict:
-    from course_lib.distributed import torchrun
+    from course_lib.launch import torchrun
     threads = max(1, (os.cpu_count() or 1) // nproc)
     t0 = time.perf_counter()
     r = torchrun([__file__, '--worker', '--size', args.size, '--bs', args.bs], nproc=nproc, threads=threads,

@@ -12,7 +12,7 @@ import matplotlib
 from .external import URLs, untar_data, data_home, DownloadError, atomic_write
 from .data import (DataBlock, ImageBlock, CategoryBlock, get_image_files, RandomSplitter, RegexLabeller,
                              using_attr)
-from .loader import UnreadableImageError
+from .loader import UnreadableImageError, photos_that_fit, expected_decodes
 from .report import write_report, protocol_estimate, OUTPUT_FILES
 from .augment import Resize, aug_transforms
 from .export import load_learner, ExportFileError
@@ -23,13 +23,14 @@ from .models import vision_learner, PretrainedWeightsError
 from .interpret import ClassificationInterpretation
 from .cpu import tune_malloc
 from .distributed import (init_distributed, launched_by_torchrun, is_main, world_size, rank0_first, barrier,
-                                    relaunch, world_text, DistributedError)
+                                    world_text, DistributedError)
+from .launch import relaunch
 import torch.distributed as dist
 from ._utils import sync_device
 
 # %% auto #0
-__all__ = ['PRESETS', 'LR_PICK', 'build_parser', 'resolve_config', 'find_images', 'pets_dataloaders', 'photos_that_fit',
-           'estimate_seconds', 'run_pets', 'predict_files', 'run_predict', 'main']
+__all__ = ['PRESETS', 'LR_PICK', 'build_parser', 'resolve_config', 'find_images', 'pets_dataloaders', 'estimate_seconds',
+           'run_pets', 'predict_files', 'run_predict', 'main']
 
 # %% ../nbs/14b_main_job.ipynb #fbe20b6c
 PRESETS = {
@@ -169,10 +170,6 @@ def _timed_pass(learn, xb, yb, every_layer:bool=False, backward:bool=True, reps:
 def _duration(s:float) -> str:
     return f'{s:.0f} s' if s < 120 else f'{s / 60:.0f} min' if s < 7200 else f'{s / 3600:.1f} h'
 
-def photos_that_fit(cache, n:int) -> int:
-    "How many of `n` photos like the ones already in `cache` it can hold (0 if it holds none)."
-    return min(n, int(cache.max_bytes // (cache.nbytes / len(cache)))) if len(cache) else 0
-
 def _cache_plan(cache, n_all:int, presize:int) -> str:
     "What the run says, before it trains, about how much of the decoded data its cache holds."
     flag = f"--cache-mb {cache.max_mb}"
@@ -184,12 +181,13 @@ def _cache_plan(cache, n_all:int, presize:int) -> str:
     return s + (f"the cache ({flag}) holds about {fit}, the other {n_all - fit} are decoded again every epoch "
                 f"(--cache-mb {math.ceil(need * 1.05)} would hold them all)")
 
-def estimate_seconds(learn, cfg) -> float:
+def estimate_seconds(learn, cfg, ws:int=None) -> float:
     """Rough seconds that `lr_find` (`cfg['num_it']` steps) and `fine_tune` (`cfg['freeze_epochs']` frozen,
     `cfg['epochs']` unfrozen) and, with `cfg['retrain']`, that fine_tune again on every photo will take here, from
-    timed passes over one validation batch. Loading counts a decode for each photo's first read and, for the photos
-    the cache cannot hold, one for every later epoch."""
-    dls = learn.dls
+    timed passes over one validation batch. Loading counts the decodes of `expected_decodes`. With `ws` processes
+    (default `world_size()`: torchrun's) it is one process's time: its shard of the batches, of the validation photos
+    and of the decodes, and rank 0's `lr_find`; the exchange of gradients between processes is not counted."""
+    dls, ws = learn.dls, ws or world_size()
     t0 = time.perf_counter(); xb, yb = dls.valid.one_batch(); t_load = (time.perf_counter() - t0) / len(xb)
     _timed_pass(learn, xb, yb, False, reps=1)   # the first pass pays for one-off setup
     scale = dls.train.bs / len(xb)      # the validation batch may be larger or smaller than a training batch
@@ -197,10 +195,11 @@ def estimate_seconds(learn, cfg) -> float:
     t_full = _timed_pass(learn, xb, yb, True) * scale if cfg['epochs'] else 0.
     t_fwd = _timed_pass(learn, xb, yb, backward=False) / len(xb)
     per_batch, n_all = cfg['freeze_epochs'] * t_frozen + cfg['epochs'] * t_full, dls.train.n + dls.valid.n
-    n_epochs = cfg['freeze_epochs'] + cfg['epochs']
-    decodes = n_all + (n_epochs - 1) * (n_all - photos_that_fit(dls.train.cache, n_all))
-    est = (cfg['num_it'] * t_frozen + len(dls.train) * per_batch + n_epochs * dls.valid.n * t_fwd + decodes * t_load)
-    return est + (n_all // dls.train.bs * per_batch + decodes * t_load if cfg.get('retrain') else 0.)
+    n_epochs, share = cfg['freeze_epochs'] + cfg['epochs'], lambda n: -(-n // ws)   # one process's (padded) shard
+    n_batches = share(dls.train.n) // dls.train.bs if dls.train.drop_last else -(-share(dls.train.n) // dls.train.bs)
+    decodes = expected_decodes(n_all, photos_that_fit(dls.train.cache, n_all), n_epochs, ws)
+    est = cfg['num_it'] * t_frozen + n_batches * per_batch + n_epochs * share(dls.valid.n) * t_fwd + decodes * t_load
+    return est + (share(n_all) // dls.train.bs * per_batch + decodes * t_load if cfg.get('retrain') else 0.)
 
 # %% ../nbs/14b_main_job.ipynb #2c9f0199
 def _savefig(path):
@@ -293,7 +292,8 @@ def _run_pets(args) -> int:
             again = f", then all {n_all} again for the exported model" if cfg['retrain'] else ''
             print(f"course-lib pets: {dls.train.n} photos to train on, {dls.valid.n} to validate{again}, "
                   f"{len(dls.vocab)} breeds; training should take about {_duration(m['estimated_s'])} on this "
-                  "machine (timed on one batch in one process)", flush=True)
+                  "machine (timed on one batch" + ('' if world_size() == 1 else f"; each of the {world_size()} "
+                  "processes trains on its share, gradient exchange not counted") + ')', flush=True)
             print(f"course-lib pets: {_cache_plan(dls.train.cache, n_all, cfg['presize'])}", flush=True)
         with learn.distrib_ctx(seed=cfg['seed']):   # in a single process it changes nothing
             step('lr_find')

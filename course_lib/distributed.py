@@ -5,10 +5,10 @@
 # %% auto #0
 __all__ = ['rank', 'world_size', 'is_main', 'barrier', 'shard_indices', 'DistributedError', 'launched_by_torchrun',
            'init_distributed', 'local_device', 'broadcast_object', 'rank0_first', 'DistributedCallback',
-           'use_sync_batchnorm', 'torchrun_command', 'torchrun', 'without_flag', 'relaunch', 'world_text']
+           'use_sync_batchnorm', 'world_text']
 
 # %% ../nbs/11b_distributed.ipynb #a339be56
-import contextlib, datetime, io, math, os, subprocess, sys
+import contextlib, datetime, io, math, os
 from contextlib import contextmanager
 
 import numpy as np
@@ -161,10 +161,11 @@ class DistributedCallback(Callback):
     """Added by `distrib_ctx`. For each fit it wraps the model in `DistributedDataParallel`, and each training batch's
     forward pass goes through that wrapper, whose gradient all-reduce makes every process take the same step
     (`learn.model` is the bare model everywhere else, so splitters and other callbacks see the model they know). It
-    gives the training loader each epoch's number; after validation it sums the loss, metric and item counts over the
-    processes, so valid_loss and the metrics are those of the whole validation set; after each epoch every process
-    gets rank 0's row of the recorder (the train loss averaged over processes), so callbacks such as
-    `EarlyStoppingCallback` decide the same everywhere."""
+    gives the training loader each epoch's number; before validation it gives every process rank 0's buffers
+    (BatchNorm statistics); after validation it sums the loss, metric and item counts over the processes, so
+    valid_loss and the metrics are those of the whole validation set; after each epoch every process gets rank 0's
+    row of the recorder (the train loss averaged over processes), so callbacks such as `EarlyStoppingCallback` decide
+    the same everywhere."""
     order = 55   # after the Recorder (50), before the progress table (60) and the trackers (65)
     def __init__(self, device_ids=None): self.device_ids, self.epochs_seen, self.ddp = device_ids, 0, None
     def before_fit(self):
@@ -179,6 +180,8 @@ class DistributedCallback(Callback):
     def before_batch(self):
         if self.ddp is not None and self.learn.training: self.learn.model = self.ddp
     def after_pred(self): self.learn.model = _bare(self.learn.model)
+    def before_validate(self):   # DDP copied rank 0's buffers before the last forward, which moved each rank's own
+        for b in self.learn.model.buffers(): dist.broadcast(b, 0)
     def after_validate(self):
         rec = self.learn.recorder
         sums = torch.tensor([rec._n, rec._loss_sum, *rec._met_sums], dtype=torch.float64, device=local_device())
@@ -334,61 +337,7 @@ def lr_find(self:Learner, *args, **kwargs):
     self.lr_find_result = out[2]._replace(suggestions=sugg)
     return sugg
 
-# %% ../nbs/11b_distributed.ipynb #1b043f0f
-def torchrun_command(args, nproc:int=2) -> list:
-    "`python -m torch.distributed.run --standalone --nproc-per-node nproc *args`: torchrun on this machine, own port."
-    return [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc-per-node={nproc}', *map(str, args)]
-
-def torchrun(args, nproc:int=2, timeout:float=600, threads:int=1, env:dict=None) -> subprocess.CompletedProcess:
-    """Run `torchrun_command(args, nproc)` and return the finished process, with the output of every rank in
-    `.stdout`. Each process gets `threads` CPU threads (OMP_NUM_THREADS). After `timeout` seconds the whole run is
-    killed and `subprocess.TimeoutExpired` raised: a run that hangs never hangs the caller."""
-    cmd = torchrun_command(args, nproc)
-    full_env = {**os.environ, 'OMP_NUM_THREADS': str(threads), 'PYTHONUNBUFFERED': '1', **(env or {})}
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
-                         start_new_session=True)   # its own process group, so a kill reaches every rank
-    try: out, _ = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(p)
-        out, _ = p.communicate()
-        raise subprocess.TimeoutExpired(cmd, timeout, output=out) from None
-    except BaseException:   # an interrupted kernel, say: no process of the run may be left behind
-        _kill_group(p); p.communicate()
-        raise
-    return subprocess.CompletedProcess(cmd, p.returncode, out)
-
-def _kill_group(p):
-    try: os.killpg(p.pid, 9)
-    except (ProcessLookupError, PermissionError, AttributeError): p.kill()   # AttributeError: Windows has no killpg
-
-# %% ../nbs/11b_distributed.ipynb #21af5345
-def without_flag(argv, flag:str) -> list:
-    """`argv` less `flag VALUE` and `flag=VALUE`.
-
-    >>> without_flag(['pets', '--nproc', '2', '--out', 'x', '--nproc=3'], '--nproc')
-    ['pets', '--out', 'x']
-    """
-    out, skip = [], False
-    for a in argv:
-        if not skip and a != flag and not a.startswith(flag + '='): out.append(a)
-        skip = a == flag
-    return out
-
-def relaunch(module:str, argv, nproc:int, flag:str='--nproc', batch:int=None) -> int:
-    """Run `python -m module *argv` in `nproc` processes under torchrun, the cores shared out between them
-    (OMP_NUM_THREADS), and return its exit code. `flag` (the option that asked for this) is left out: torchrun's
-    own parser would take `--nproc` for its `--nproc-per-node`. Before anything starts: one line (SystemExit) if
-    there are fewer GPUs than `nproc`, or if the global `batch` does not divide by `nproc`."""
-    gpus = torch.cuda.device_count()
-    if gpus and nproc > gpus: raise SystemExit(f"{module}: {flag} {nproc}, but this machine has {gpus} GPUs")
-    if batch and batch % nproc:
-        raise SystemExit(f"{module}: the global batch of {batch} does not divide by {flag} {nproc}: pick another bs")
-    cmd = torchrun_command(['-m', module, *without_flag(argv, flag)], nproc)
-    print(f"{module}: {nproc} processes: python {' '.join(cmd[1:])}", flush=True)
-    p = subprocess.Popen(cmd, env={'OMP_NUM_THREADS': str(max(1, (os.cpu_count() or 1) // nproc)), **os.environ})
-    try: return p.wait()
-    except KeyboardInterrupt: return p.wait()   # torchrun got the Ctrl-C too: let it stop its processes
-
+# %% ../nbs/11b_distributed.ipynb #3916a37e
 def world_text(bs:int) -> str:
     "How the run is split, for a report: '' in a single process."
     ws = world_size()

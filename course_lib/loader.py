@@ -15,7 +15,8 @@ from .external import Path
 
 # %% auto #0
 __all__ = ['MAX_IMAGE_PIXELS', 'UnreadableImageError', 'load_image', 'image_to_tensor', 'ItemTransform', 'FuncItemTransform',
-           'ImageCache', 'default_device', 'DataLoader', 'show_images', 'register_tfm', 'DataLoaders']
+           'ImageCache', 'photos_that_fit', 'expected_decodes', 'default_device', 'DataLoader', 'show_images',
+           'register_tfm', 'DataLoaders']
 
 # %% ../nbs/01b_loader.ipynb #e071e314
 class UnreadableImageError(OSError):
@@ -118,6 +119,21 @@ class ImageCache:
     def __repr__(self):
         rate = 'no reads yet' if self.hit_rate is None else f'hit rate {self.hit_rate:.0%}'
         return f"ImageCache({self.nbytes / 2**20:.3g} of {self.max_mb:.4g} MB, {len(self)} items, {rate})"
+
+# %% ../nbs/01b_loader.ipynb #76c7f23e
+def photos_that_fit(cache:ImageCache, n:int) -> int:
+    "How many of `n` photos like the ones already in `cache` it can hold (0 if it holds none)."
+    return min(n, int(cache.max_bytes // (cache.nbytes / len(cache)))) if len(cache) else 0
+
+def expected_decodes(n:int, fit:int, epochs:int, ws:int=1) -> float:
+    """The decodes one process can expect over `epochs` epochs of `n` photos when its keep-first cache can hold `fit`
+    of them and `ws` processes share every epoch at random, each reading `n / ws` photos.
+
+    >>> expected_decodes(100, 100, 3), expected_decodes(100, 40, 3), expected_decodes(100, 100, 3, ws=2)
+    (100.0, 220.0, 87.5)
+    """
+    if not n: return 0.
+    return sum(n / ws * (1 - min(fit / n, 1 - (1 - 1 / ws) ** e)) for e in range(epochs))
 
 # %% ../nbs/01b_loader.ipynb #5e5f69a9
 def default_device() -> torch.device:

@@ -3,7 +3,9 @@
 OUT/rank{r}/ (never into the learner's folder, OUT/learn/, where only rank 0 may write).
 
 MODE `plain`: a model without BatchNorm, 2 epochs at bs 8 per process, to compare with one process at bs 16.
-MODE `callbacks`: a small CNN with BatchNorm, lr_find, then fit with SaveModelCallback and EarlyStoppingCallback.
+MODE `callbacks`: a small CNN with BatchNorm, lr_find, then fit with SaveModelCallback and EarlyStoppingCallback;
+    rank 1's own record says every epoch improves, so it would never stop if it decided from its own figures.
+MODE `sample`: the pets sample at 32 pixels (the book's DataBlock), a small CNN with BatchNorm, one epoch.
 MODE `fail`: rank 1 raises in its second batch; rank 0 must stop with a DistributedError, not hang.
 """
 import json, os, sys
@@ -43,10 +45,32 @@ def linear_model():
     return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
 
 
+def sample_dls():
+    "The chapter's DataBlock on the 296-photo sample, tiny: Resize(40), random crops of 32 pixels, batches of 16."
+    from course_lib.data import (DataBlock, ImageBlock, CategoryBlock, get_image_files, RandomSplitter,
+                                 RegexLabeller, using_attr)
+    from course_lib.augment import Resize, aug_transforms
+    from course_lib.external import data_home
+    pets = DataBlock(blocks=(ImageBlock, CategoryBlock), get_items=get_image_files, splitter=RandomSplitter(seed=42),
+                     get_y=using_attr(RegexLabeller(r'(.+)_\d+\.\w+$'), 'name'), item_tfms=Resize(40),
+                     batch_tfms=aug_transforms(size=32))
+    return pets.dataloaders(data_home()/'oxford-iiit-pet-sample'/'images', bs=16, seed=42, device='cpu')
+
+
 class FailOnRank1(Callback):
     def after_batch(self):
         if rank() == 1 and self.learn.training and self.learn.iter == 1:
             raise ValueError("injected failure on rank 1, batch 1")
+
+
+class ImprovingOnRank1(Callback):
+    "Rank 1's own row of the recorder says valid_loss fell again this epoch; rank 0's row holds the real figures."
+    order = 52   # after the Recorder (50) writes the row, before DistributedCallback (55) replaces it with rank 0's
+    def __init__(self): self.rows = []
+    def after_epoch(self):
+        if rank() == 1:
+            self.learn.recorder.values[-1][2] = -float(self.learn.epoch)   # column 2: valid_loss
+            self.rows.append(list(self.learn.recorder.values[-1]))
 
 
 def log_writes(written):
@@ -76,12 +100,18 @@ def run(mode, out):
             before = {k: v.clone() for k, v in l.model.state_dict().items()}
             sugg = l.lr_find(num_it=12, show_plot=False)
             restored = all(torch.equal(before[k], v) for k, v in l.model.state_dict().items())
-            # min_delta=10: no epoch after the first improves enough, so every rank must stop after epoch 1
-            save, stop = SaveModelCallback(fname='best'), EarlyStoppingCallback(min_delta=10, patience=1)
-            l.fit(6, cbs=[save, stop])
+            # rank 0 stops when the real valid_loss has not improved for 2 epochs; rank 1 must stop with it
+            save, stop, skew = SaveModelCallback(fname='best'), EarlyStoppingCallback(patience=2), ImprovingOnRank1()
+            l.fit(8, lr=0.1, cbs=[save, stop, skew])
             info = dict(rank=rank(), world_size=world_size(), sugg=list(sugg), n_finder=len(l.lr_find_result.lrs),
-                        best_epoch=save.best_epoch, stopped_epoch=stop.stopped_epoch, lr_find_restored=restored)
+                        best_epoch=save.best_epoch, stopped_epoch=stop.stopped_epoch, lr_find_restored=restored,
+                        own_rows=skew.rows)
             l.export('model.pth')
+    elif mode == 'sample':
+        learn = Learner(sample_dls(), simple_cnn(37, widths=(8, 16)), lr=0.01, metrics=accuracy, path=out/'learn')
+        with learn.distrib_ctx(seed=SEED) as l:
+            info = dict(rank=rank(), world_size=world_size(), n_train=len(l.dls.train.items))
+            l.fit(1)
     elif mode == 'fail':
         learn = Learner(dls(8), linear_model(), cbs=[FailOnRank1()], path=out/'learn')
         with learn.distrib_ctx(timeout=60):

@@ -100,3 +100,13 @@ def test_a_full_cache_gives_the_same_batches_as_one_that_holds_everything(folder
     small = ImageCache(max_mb=3 * 3 * 32 * 40 / 2**20)          # three of the 32x40 decoded images
     for a, b in zip(two_epochs(small), two_epochs(ImageCache())): assert torch.equal(a, b)
     assert len(small) == 3 and small.hits == 3 and small.misses == 2 * len(files) - 3
+
+
+def test_expected_decodes_counts_what_the_cache_cannot_hold():
+    from course_lib.loader import expected_decodes
+    assert expected_decodes(0, 0, 3) == 0
+    assert expected_decodes(100, 0, 3) == 300 and expected_decodes(100, 0, 3, ws=2) == 150   # no cache
+    assert expected_decodes(100, 100, 5) == 100                  # one process: each photo decoded once
+    per_process = [expected_decodes(100, 100, e, ws=4) for e in range(1, 30)]
+    assert per_process[0] == 25 and all(b > a for a, b in zip(per_process, per_process[1:]))
+    assert per_process[-1] < 100 and abs(per_process[-1] - 100) < 0.1   # a process sees every photo in the end

@@ -325,3 +325,23 @@ def test_load_learner_errors_keep_their_types(tmp_path):
     (tmp_path/'wrong.pth').write_bytes(_export_file(tmp_path, model_state={'nope': torch.zeros(1)}))
     with pytest.raises(ExportFileError, match='its weights do not fit the model it describes'):
         load_learner(tmp_path/'wrong.pth', dls_fn=lambda cfg: None)
+
+
+def test_the_estimate_under_torchrun_is_one_processs_share(monkeypatch):
+    "With every timed pass taking 1 s, the estimate counts passes: each process trains on its shard; lr_find stays."
+    import types, course_lib.cli as cli
+    import distributed_job as job   # 48 training photos, 20 validation photos, not cached (in memory)
+    from course_lib.learner import Learner
+    monkeypatch.setattr(cli, '_timed_pass', lambda learn, xb, yb, every_layer=False, backward=True, reps=3:
+                        1. if backward else 0.)
+    monkeypatch.setattr(cli, 'time', types.SimpleNamespace(perf_counter=lambda: 0.))   # loading takes no time
+    learn = Learner(job.dls(8), job.linear_model())
+    cfg = dict(num_it=10, freeze_epochs=2, epochs=1, retrain=False)
+    # 10 finder steps + 6 batches (48 photos / bs 8) x (2 frozen + 1 unfrozen passes); 2 processes: 3 batches each
+    assert cli.estimate_seconds(learn, cfg, ws=1) == 10 + 6 * 3
+    assert cli.estimate_seconds(learn, cfg, ws=2) == 10 + 3 * 3
+    assert cli.estimate_seconds(learn, cfg, ws=3) == 10 + 2 * 3   # 16 photos each
+    retrain = dict(cfg, retrain=True)   # again on all 68 photos: 8 batches, or 34 photos = 4 batches per process
+    assert cli.estimate_seconds(learn, retrain, ws=1) == 10 + 6 * 3 + 8 * 3
+    assert cli.estimate_seconds(learn, retrain, ws=2) == 10 + 3 * 3 + 4 * 3
+

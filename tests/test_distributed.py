@@ -1,6 +1,6 @@
 """Data-parallel training (course_lib.distributed, notebook 11b): sharding properties in this process, then real
 two-process runs on the CPU (gloo), launched with torchrun as a reader would, each bounded by a timeout."""
-import json, subprocess
+import json, os, subprocess, sys, time
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from course_lib.distributed import shard_indices, torchrun
+from course_lib.distributed import shard_indices
+from course_lib.launch import torchrun
 from course_lib.learner import Learner, Callback, accuracy
 from course_lib.loader import DataLoader
 import course_lib.progress  # noqa: F401  (the progress bar, as in the two-process runs)
@@ -120,6 +121,17 @@ def test_two_processes_end_with_identical_parameters_and_equal_one_process_with_
     assert 'distrib_ctx: 2 processes (gloo, cpu); bs 8 per process = 16 per step' in log
 
 
+def test_on_the_sample_both_ranks_end_with_the_same_weights_and_batchnorm_statistics(finished):
+    from course_lib.external import data_home
+    if not (data_home()/'oxford-iiit-pet-sample'/'images').is_dir(): pytest.skip("needs the 296-photo sample")
+    out, log, infos, params = finished('sample')
+    assert infos[0]['n_train'] == infos[1]['n_train'] == 237 and infos[0]['values'] == infos[1]['values']
+    stats = [k for k in params[0] if 'running_' in k]
+    assert stats, "the model must have BatchNorm statistics"
+    for k in params[0]:   # the statistics too: each rank's last training batch moved its own, rank 0's are kept
+        assert torch.equal(params[0][k], params[1][k]), k
+
+
 def test_only_rank_0_shows_the_epoch_table(finished):
     log = finished('plain')[1]
     assert log.count('epoch       train_loss') == 1 and log.count('distrib_ctx:') == 1
@@ -130,9 +142,13 @@ def test_lr_find_and_the_trackers_agree_on_every_rank_and_only_rank_0_writes(fin
     assert all(torch.equal(params[0][k], params[1][k]) for k in params[0]), "BatchNorm buffers included"
     assert infos[0]['sugg'] == infos[1]['sugg'] and infos[0]['n_finder'] == infos[1]['n_finder'] == 12
     assert infos[0]['lr_find_restored'], "rank 0's model must be as it was before lr_find"
-    assert infos[0]['stopped_epoch'] == infos[1]['stopped_epoch'] == 1
+    # at lr 0.1 the real valid_loss rises after the first epoch, so rank 0 stops early; rank 1's own rows said every
+    # epoch improved (it would have trained on, and saved every epoch), yet it took rank 0's rows and stopped with it
+    assert infos[0]['stopped_epoch'] == infos[1]['stopped_epoch'] is not None
     assert infos[0]['best_epoch'] == infos[1]['best_epoch'] is not None
-    assert len(infos[0]['values']) == 2 and infos[0]['values'] == infos[1]['values']
+    assert len(infos[0]['values']) == infos[0]['stopped_epoch'] + 1 < 8 and infos[0]['values'] == infos[1]['values']
+    assert infos[0]['own_rows'] == [] and [r[2] for r in infos[1]['own_rows']] == [-e for e in range(len(
+        infos[1]['values']))], "rank 1 must have seen its own improving valid_loss before taking rank 0's"
     written = sorted(p.relative_to(out/'learn').as_posix() for p in (out/'learn').rglob('*') if p.is_file())
     assert written == ['model.pth', 'models/best.pth'], written   # no temporary files left
     assert infos[1]['written'] == [] and set(infos[0]['written']) == {'best.pth', 'model.pth'}, infos
@@ -165,20 +181,24 @@ def test_the_main_job_under_torchrun_trains_on_two_processes_and_writes_one_repo
     assert sorted(os.listdir(out)) == ['confusion.png', 'loss.png', 'lr_find.png', 'metrics.json', 'model.pth',
                                        'report.md']
     assert r.stdout.count('done in ') == 1 and r.stdout.count('photos to train on') == 1   # rank 0 alone prints
+    assert 'each of the 2 processes trains on its share' in r.stdout   # the estimate is one process's
 
 
 def test_nproc_relaunches_the_same_command_under_torchrun(monkeypatch):
-    import course_lib.cli as cli, course_lib.distributed
+    import course_lib.cli as cli, course_lib.launch
     seen = {}
     class FakeRun:
         def __init__(self, cmd, env): seen.update(cmd=cmd, env=env)
         def wait(self): return 0
-    monkeypatch.setattr(course_lib.distributed.subprocess, 'Popen', FakeRun)
+    monkeypatch.setattr(course_lib.launch.subprocess, 'Popen', FakeRun)
     monkeypatch.delenv('WORLD_SIZE', raising=False)
     assert cli.main(['pets', '--out', 'x', '--nproc', '2', '--size', '64']) == 0
     assert seen['cmd'][1:] == ['-m', 'torch.distributed.run', '--standalone', '--nproc-per-node=2', '-m', 'course_lib',
                                'pets', '--out', 'x', '--size', '64']   # without --nproc: torchrun would take it
     assert int(seen['env']['OMP_NUM_THREADS']) >= 1
+    monkeypatch.delenv('USE_LIBUV', raising=False)
+    monkeypatch.setattr(course_lib.launch.sys, 'platform', 'win32')
+    assert cli.main(['pets', '--out', 'x', '--nproc', '2']) == 0 and seen['env']['USE_LIBUV'] == '0'
     seen.clear()
     with pytest.raises(SystemExit, match=r'the global batch of 15 does not divide by --nproc 2'):
         cli.main(['pets', '--out', 'x', '--nproc', '2', '--bs', '15'])
@@ -191,3 +211,37 @@ def test_the_global_batch_must_split_evenly(monkeypatch, tmp_path):
     cfg = dict(cli.PRESETS['sample'], bs=15, seed=42, images=str(tmp_path))
     with pytest.raises(SystemExit, match=r'--bs 15 \(the global batch\) does not divide by 2 processes'):
         cli.pets_dataloaders(cfg)
+
+
+def test_on_windows_torchrun_gets_use_libuv_0_and_a_kill_ends_the_process_tree(monkeypatch):
+    import sys, course_lib.launch as d
+    assert 'USE_LIBUV' not in d.torchrun_env({}) or sys.platform == 'win32'
+    monkeypatch.setattr(sys, 'platform', 'win32')
+    assert d.torchrun_env({'A': '1'}) == {'USE_LIBUV': '0', 'A': '1'}
+    assert d.torchrun_env({'USE_LIBUV': '1'})['USE_LIBUV'] == '1', "a reader's own setting wins"
+    calls = []
+    monkeypatch.setattr(d.subprocess, 'run', lambda cmd, **kw: calls.append(cmd) or
+                        subprocess.CompletedProcess(cmd, 0))
+    class Proc:
+        pid, killed = 4242, False
+        def kill(self): self.killed = True
+        def communicate(self, timeout=None): return 'what was left', None
+    p = Proc()
+    assert d._stop_run(p) == 'what was left'
+    assert calls == [['taskkill', '/F', '/T', '/PID', '4242']] and not p.killed
+
+
+@pytest.mark.skipif(sys.platform == 'win32', reason="os.kill(pid, 0) asks whether a process exists on POSIX only")
+def test_a_run_past_its_timeout_is_stopped_with_every_worker(tmp_path):
+    # torchrun starts its workers in sessions of their own: killing its process group alone would leave them running
+    script = tmp_path/'sleepy.py'
+    script.write_text("import os, time\nprint('worker pid', os.getpid(), flush=True)\ntime.sleep(600)\n")
+    t0 = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired) as ei: torchrun([script], nproc=2, timeout=10)
+    assert time.monotonic() - t0 < 120, "torchrun() must return soon after its timeout"
+    pids = [int(l.split()[-1]) for l in ei.value.output.splitlines() if l.startswith('worker pid')]
+    assert len(pids) == 2, ei.value.output[-2000:]
+    def running(pid):
+        try: os.kill(pid, 0); return True
+        except ProcessLookupError: return False
+    assert not any(running(p) for p in pids), "a worker outlived the run"
