@@ -12,7 +12,7 @@ import matplotlib
 from .external import URLs, untar_data, data_home, DownloadError, atomic_write
 from .data import (DataBlock, ImageBlock, CategoryBlock, get_image_files, RandomSplitter, RegexLabeller,
                              using_attr)
-from .loader import UnreadableImageError, photos_that_fit, expected_decodes
+from .loader import UnreadableImageError, photos_that_fit, expected_decodes, cache_plan
 from .report import write_report, protocol_estimate, OUTPUT_FILES
 from .augment import Resize, aug_transforms
 from .export import load_learner, ExportFileError
@@ -170,17 +170,6 @@ def _timed_pass(learn, xb, yb, every_layer:bool=False, backward:bool=True, reps:
 def _duration(s:float) -> str:
     return f'{s:.0f} s' if s < 120 else f'{s / 60:.0f} min' if s < 7200 else f'{s / 3600:.1f} h'
 
-def _cache_plan(cache, n_all:int, presize:int) -> str:
-    "What the run says, before it trains, about how much of the decoded data its cache holds."
-    flag = f"--cache-mb {cache.max_mb}"
-    if not cache.max_bytes: return "the decoded-image cache is off (--cache-mb 0): every epoch decodes every photo"
-    if not len(cache): return f"not one decoded photo fits in {flag}: every epoch decodes every photo"
-    need, fit = cache.nbytes / len(cache) * n_all / 2**20, photos_that_fit(cache, n_all)
-    s = f"decoded at Resize({presize}) the {n_all} photos take about {need:,.0f} MB: "
-    if fit >= n_all: return s + f"the cache ({flag}) holds them all, so only the first epoch decodes"
-    return s + (f"the cache ({flag}) holds about {fit}, the other {n_all - fit} are decoded again every epoch "
-                f"(--cache-mb {math.ceil(need * 1.05)} would hold them all)")
-
 def estimate_seconds(learn, cfg, ws:int=None) -> float:
     """Rough seconds that `lr_find` (`cfg['num_it']` steps) and `fine_tune` (`cfg['freeze_epochs']` frozen,
     `cfg['epochs']` unfrozen) and, with `cfg['retrain']`, that fine_tune again on every photo will take here, from
@@ -294,7 +283,9 @@ def _run_pets(args) -> int:
                   f"{len(dls.vocab)} breeds; training should take about {_duration(m['estimated_s'])} on this "
                   "machine (timed on one batch" + ('' if world_size() == 1 else f"; each of the {world_size()} "
                   "processes trains on its share, gradient exchange not counted") + ')', flush=True)
-            print(f"course-lib pets: {_cache_plan(dls.train.cache, n_all, cfg['presize'])}", flush=True)
+            n_epochs = cfg['freeze_epochs'] + cfg['epochs']
+            plan = cache_plan(dls.train.cache, n_all, cfg['presize'], n_epochs, world_size())
+            print(f"course-lib pets: {plan}", flush=True)
         with learn.distrib_ctx(seed=cfg['seed']):   # in a single process it changes nothing
             step('lr_find')
             sugg = learn.lr_find(num_it=cfg['num_it'], suggest_funcs=(minimum, steep, valley, slide))

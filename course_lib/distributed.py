@@ -123,13 +123,17 @@ def launched_by_torchrun() -> bool:
     "True when torchrun (or another launcher) set WORLD_SIZE > 1 for this process."
     return int(os.environ.get('WORLD_SIZE', '1') or 1) > 1
 
+def _gpu_each() -> bool:
+    "Has every process on this machine a GPU of its own? (NCCL needs that; torchrun sets LOCAL_WORLD_SIZE.)"
+    return torch.cuda.is_available() and torch.cuda.device_count() >= int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+
 def init_distributed(backend:str=None, timeout:float=1800) -> bool:
     """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-    MASTER_PORT): NCCL with one GPU per local rank where CUDA is there, gloo on the CPU. Returns True if this call
-    created the group (False: one already existed, or this is a single process). `timeout`: seconds a collective
-    waits for the other processes before it fails."""
+    MASTER_PORT): NCCL with one GPU per local rank where every process here has a GPU, else gloo on the CPU (two
+    processes cannot share one GPU under NCCL). Returns True if this call created the group (False: one already
+    existed, or this is a single process). `timeout`: seconds a collective waits for the other processes."""
     if dist.is_initialized() or not launched_by_torchrun(): return False
-    backend = backend or ('nccl' if torch.cuda.is_available() else 'gloo')
+    backend = backend or ('nccl' if _gpu_each() else 'gloo')
     if backend == 'nccl': torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
     return True
@@ -180,7 +184,9 @@ class DistributedCallback(Callback):
     def before_batch(self):
         if self.ddp is not None and self.learn.training: self.learn.model = self.ddp
     def after_pred(self): self.learn.model = _bare(self.learn.model)
-    def before_validate(self):   # DDP copied rank 0's buffers before the last forward, which moved each rank's own
+    def before_validate(self): self._rank0_buffers()
+    def after_fit(self): self._rank0_buffers()   # a fit cancelled during training skips validation
+    def _rank0_buffers(self):   # DDP copied rank 0's before the last forward, which moved each rank's own
         for b in self.learn.model.buffers(): dist.broadcast(b, 0)
     def after_validate(self):
         rec = self.learn.recorder
@@ -288,8 +294,10 @@ def _distrib_note(learn, sync_bn, device):
     bn = ('' if not _has_batchnorm(learn.model) else '; BatchNorm statistics synchronised (SyncBatchNorm)'
           if device.type == 'cuda' and sync_bn else '; BatchNorm statistics stay per process (SyncBatchNorm needs CUDA)'
           if device.type != 'cuda' else '; BatchNorm statistics per process (sync_bn=False)')
+    gpus = (f"; {torch.cuda.device_count()} GPU(s) for {os.environ.get('LOCAL_WORLD_SIZE')} processes here, so on "
+            "the CPU" if device.type == 'cpu' and torch.cuda.is_available() else '')
     print(f"distrib_ctx: {ws} processes ({dist.get_backend()}, {device.type}); bs {bs} per process = {bs * ws} per "
-          f"step, learning rate not scaled{bn}", flush=True)
+          f"step, learning rate not scaled{bn}{gpus}", flush=True)
 
 # %% ../nbs/11b_distributed.ipynb #4797be26
 def _in_ctx(learn): return world_size() > 1 and getattr(learn, 'distributed', None) is not None

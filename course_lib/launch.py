@@ -22,8 +22,9 @@ def torchrun_env(env:dict) -> dict:
 
 def torchrun(args, nproc:int=2, timeout:float=600, threads:int=1, env:dict=None) -> subprocess.CompletedProcess:
     """Run `torchrun_command(args, nproc)` and return the finished process, with the output of every rank in
-    `.stdout`. Each process gets `threads` CPU threads (OMP_NUM_THREADS). After `timeout` seconds the whole run is
-    killed and `subprocess.TimeoutExpired` raised: a run that hangs never hangs the caller."""
+    `.stdout`. Each process gets `threads` CPU threads (OMP_NUM_THREADS). After `timeout` seconds the run is stopped
+    (`_stop_run`: torchrun gets up to 40 s to stop its processes) and `subprocess.TimeoutExpired` raised, with what
+    they printed: a run that hangs never hangs the caller."""
     cmd = torchrun_command(args, nproc)
     full_env = torchrun_env({**os.environ, 'OMP_NUM_THREADS': str(threads), 'PYTHONUNBUFFERED': '1', **(env or {})})
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
@@ -39,16 +40,27 @@ def torchrun(args, nproc:int=2, timeout:float=600, threads:int=1, env:dict=None)
 def _stop_run(p, grace:float=40) -> str:
     """Stop torchrun `p` and every process it started; return the output not yet read. torchrun starts each worker
     in a session of its own, out of reach of a signal to torchrun's process group, but on SIGTERM it stops them
-    itself (SIGTERM, then SIGKILL after 30 s); SIGKILL to its group after `grace` seconds if it has not ended."""
+    itself (SIGTERM, then SIGKILL after 30 s). If it has not ended after `grace` seconds, its children's sessions
+    and its own group get SIGKILL."""
     if sys.platform == 'win32':   # no signals there: taskkill /T ends the process tree
         if subprocess.run(['taskkill', '/F', '/T', '/PID', str(p.pid)], capture_output=True).returncode: p.kill()
     else: p.terminate()
     try: return p.communicate(timeout=grace)[0]
     except subprocess.TimeoutExpired: pass
-    try: os.killpg(p.pid, 9)
-    except (ProcessLookupError, PermissionError, AttributeError): p.kill()
+    finally:
+        if p.poll() is None: _kill_tree(p)   # also when a second Ctrl-C cut the wait short
     try: return p.communicate(timeout=5)[0]
-    except subprocess.TimeoutExpired: return ''   # a worker outlived torchrun and still holds the pipe
+    except subprocess.TimeoutExpired as e:   # a worker outlived torchrun and still holds the pipe
+        return e.output.decode(errors='replace') if isinstance(e.output, bytes) else e.output or ''
+
+def _kill_tree(p):
+    "SIGKILL to the sessions of `p`'s children (torchrun's workers lead their own) and to `p`'s process group."
+    try: kids = subprocess.run(['pgrep', '-P', str(p.pid)], capture_output=True, text=True).stdout.split()
+    except OSError: kids = []   # no pgrep (a slim container): torchrun's own group at least
+    for pid in [*map(int, kids), p.pid]:
+        try: os.killpg(pid, 9)
+        except (ProcessLookupError, PermissionError, AttributeError): pass
+    if p.poll() is None: p.kill()
 
 # %% ../nbs/11a_torchrun.ipynb #86ec88b6
 def without_flag(argv, flag:str) -> list:
@@ -66,12 +78,15 @@ def without_flag(argv, flag:str) -> list:
 def relaunch(module:str, argv, nproc:int, flag:str='--nproc', batch:int=None) -> int:
     """Run `python -m module *argv` in `nproc` processes under torchrun, the cores shared out between them
     (OMP_NUM_THREADS), and return its exit code. `flag` (the option that asked for this) is left out: torchrun's
-    own parser would take `--nproc` for its `--nproc-per-node`. Before anything starts: one line (SystemExit) if
-    there are fewer GPUs than `nproc`, or if the global `batch` does not divide by `nproc`."""
-    gpus = torch.cuda.device_count()
-    if gpus and nproc > gpus: raise SystemExit(f"{module}: {flag} {nproc}, but this machine has {gpus} GPUs")
+    own parser would take `--nproc` for its `--nproc-per-node`. Before anything starts: one line (SystemExit) if the
+    global `batch` does not divide by `nproc`; one printed line if there are fewer GPUs than `nproc` (they share
+    the CPU then, see `init_distributed`)."""
     if batch and batch % nproc:
         raise SystemExit(f"{module}: the global batch of {batch} does not divide by {flag} {nproc}: pick another bs")
+    gpus = torch.cuda.device_count()
+    if gpus and nproc > gpus:
+        print(f"{module}: {flag} {nproc}, but this machine has {gpus} GPU(s): the processes train on the CPU (gloo); "
+              f"{flag} {gpus} would use the GPUs", flush=True)
     cmd = torchrun_command(['-m', module, *without_flag(argv, flag)], nproc)
     print(f"{module}: {nproc} processes: python {' '.join(cmd[1:])}", flush=True)
     p = subprocess.Popen(cmd, env=torchrun_env({'OMP_NUM_THREADS': str(max(1, (os.cpu_count() or 1) // nproc)),

@@ -15,8 +15,8 @@ from .external import Path
 
 # %% auto #0
 __all__ = ['MAX_IMAGE_PIXELS', 'UnreadableImageError', 'load_image', 'image_to_tensor', 'ItemTransform', 'FuncItemTransform',
-           'ImageCache', 'photos_that_fit', 'expected_decodes', 'default_device', 'DataLoader', 'show_images',
-           'register_tfm', 'DataLoaders']
+           'ImageCache', 'photos_that_fit', 'expected_decodes', 'cache_plan', 'default_device', 'DataLoader',
+           'show_images', 'register_tfm', 'DataLoaders']
 
 # %% ../nbs/01b_loader.ipynb #e071e314
 class UnreadableImageError(OSError):
@@ -127,13 +127,31 @@ def photos_that_fit(cache:ImageCache, n:int) -> int:
 
 def expected_decodes(n:int, fit:int, epochs:int, ws:int=1) -> float:
     """The decodes one process can expect over `epochs` epochs of `n` photos when its keep-first cache can hold `fit`
-    of them and `ws` processes share every epoch at random, each reading `n / ws` photos.
+    of them and `ws` processes share every epoch at random, each reading `n / ws` photos. (Validation shards are in
+    fact the same every epoch, so with several processes this counts a few decodes too many.)
 
     >>> expected_decodes(100, 100, 3), expected_decodes(100, 40, 3), expected_decodes(100, 100, 3, ws=2)
     (100.0, 220.0, 87.5)
     """
     if not n: return 0.
     return sum(n / ws * (1 - min(fit / n, 1 - (1 - 1 / ws) ** e)) for e in range(epochs))
+
+# %% ../nbs/01b_loader.ipynb #89af9e8b
+def cache_plan(cache:ImageCache, n:int, presize:int, epochs:int=1, ws:int=1, flag:str='--cache-mb ') -> str:
+    """One sentence on what a cache like `cache` (holding a few photos already) will do for `epochs` epochs over `n`
+    photos resized to `presize`, read by `ws` processes with a cache each; `flag` names the setting of its size."""
+    setting = f"{flag}{cache.max_mb}"
+    if not cache.max_bytes: return f"the decoded-image cache is off ({setting}): every epoch decodes every photo"
+    if not len(cache): return f"not one decoded photo fits in {setting}: every epoch decodes every photo"
+    need, fit = cache.nbytes / len(cache) * n / 2**20, photos_that_fit(cache, n)
+    s = f"decoded at Resize({presize}) the {n} photos take about {need:,.0f} MB: "
+    more = '' if fit >= n else f" ({flag}{math.ceil(need * 1.05)} would hold them all)"
+    if ws > 1:
+        return s + (f"each of the {ws} processes has a cache ({setting}) for {fit} of them and reads a new share "
+                    f"every epoch, so it decodes about {expected_decodes(n, fit, epochs, ws):,.0f} photos in {epochs} "
+                    f"epoch{'s' * (epochs != 1)}{more}")
+    if fit >= n: return s + f"the cache ({setting}) holds them all, so only the first epoch decodes"
+    return s + f"the cache ({setting}) holds about {fit}, the other {n - fit} are decoded again every epoch{more}"
 
 # %% ../nbs/01b_loader.ipynb #5e5f69a9
 def default_device() -> torch.device:

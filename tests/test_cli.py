@@ -328,20 +328,24 @@ def test_load_learner_errors_keep_their_types(tmp_path):
 
 
 def test_the_estimate_under_torchrun_is_one_processs_share(monkeypatch):
-    "With every timed pass taking 1 s, the estimate counts passes: each process trains on its shard; lr_find stays."
-    import types, course_lib.cli as cli
-    import distributed_job as job   # 48 training photos, 20 validation photos, not cached (in memory)
+    """With every timed training pass taking 1 s, a forward pass 0.5 s (per batch of 8), and loading one batch 1 s, the
+    estimate counts work: each process trains on its shard, validates its share and decodes its share; lr_find stays."""
+    import itertools, types, course_lib.cli as cli
+    import distributed_job as job   # 48 training photos, 20 validation photos, in memory (so never cached)
     from course_lib.learner import Learner
     monkeypatch.setattr(cli, '_timed_pass', lambda learn, xb, yb, every_layer=False, backward=True, reps=3:
-                        1. if backward else 0.)
-    monkeypatch.setattr(cli, 'time', types.SimpleNamespace(perf_counter=lambda: 0.))   # loading takes no time
+                        1. if backward else .5)
+    clock = itertools.count()   # perf_counter() before and after loading the batch: 1 s apart
+    monkeypatch.setattr(cli, 'time', types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
     learn = Learner(job.dls(8), job.linear_model())
     cfg = dict(num_it=10, freeze_epochs=2, epochs=1, retrain=False)
-    # 10 finder steps + 6 batches (48 photos / bs 8) x (2 frozen + 1 unfrozen passes); 2 processes: 3 batches each
-    assert cli.estimate_seconds(learn, cfg, ws=1) == 10 + 6 * 3
-    assert cli.estimate_seconds(learn, cfg, ws=2) == 10 + 3 * 3
-    assert cli.estimate_seconds(learn, cfg, ws=3) == 10 + 2 * 3   # 16 photos each
+    fwd, load = .5 / 8, 1 / 8   # seconds per validation photo, per decoded photo
+    # 10 finder steps; 48 photos / bs 8 = 6 batches x (2 frozen + 1 unfrozen passes); 3 epochs of 20 validation
+    # photos; every read of the 68 photos a decode. With 2 processes: 3 batches, 10 validation photos, 34 decodes
+    est = lambda c, ws: cli.estimate_seconds(learn, c, ws=ws)
+    assert est(cfg, 1) == pytest.approx(10 + 6 * 3 + 3 * 20 * fwd + 3 * 68 * load)
+    assert est(cfg, 2) == pytest.approx(10 + 3 * 3 + 3 * 10 * fwd + 3 * 34 * load)
+    assert est(cfg, 3) == pytest.approx(10 + 2 * 3 + 3 * 7 * fwd + 3 * 68 / 3 * load)   # 16 training photos each
     retrain = dict(cfg, retrain=True)   # again on all 68 photos: 8 batches, or 34 photos = 4 batches per process
-    assert cli.estimate_seconds(learn, retrain, ws=1) == 10 + 6 * 3 + 8 * 3
-    assert cli.estimate_seconds(learn, retrain, ws=2) == 10 + 3 * 3 + 4 * 3
-
+    assert est(retrain, 1) == pytest.approx(est(cfg, 1) + 8 * 3 + 3 * 68 * load)
+    assert est(retrain, 2) == pytest.approx(est(cfg, 2) + 4 * 3 + 3 * 34 * load)

@@ -1,6 +1,6 @@
-"""Data-parallel training (course_lib.distributed, notebook 11b): sharding properties in this process, then real
-two-process runs on the CPU (gloo), launched with torchrun as a reader would, each bounded by a timeout."""
-import json, os, subprocess, sys, threading
+"""Data-parallel training (course_lib.distributed, notebook 11b; launching: course_lib.launch, notebook 11a): sharding
+properties in this process, then real two-process runs on the CPU (gloo), launched with torchrun as a reader would, each bounded by a timeout."""
+import json, os, re, subprocess, sys, threading
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +74,11 @@ def test_unshard_restores_the_loaders_own_order():
     assert [y.tolist() for _, y in dl.unshard()] == before
 
 
+CPU_ONLY = {'CUDA_VISIBLE_DEVICES': ''}   # these tests are of the gloo path; on a GPU machine too
+
+
 def _launch(mode, out, *torchrun_args):
-    r = torchrun([*torchrun_args, JOB, mode, out], nproc=2, timeout=TIMEOUT)
+    r = torchrun([*torchrun_args, JOB, mode, out], nproc=2, timeout=TIMEOUT, env=CPU_ONLY)
     return r.returncode, r.stdout
 
 
@@ -130,6 +133,8 @@ def test_on_the_sample_both_ranks_end_with_the_same_weights_and_batchnorm_statis
     assert stats, "the model must have BatchNorm statistics"
     for k in params[0]:   # the statistics too: each rank's last training batch moved its own, rank 0's are kept
         assert torch.equal(params[0][k], params[1][k]), k
+    # the validation the ranks shared was of that same model: rank 0's model alone on all 59 photos gives its loss
+    np.testing.assert_allclose(infos[0]['values'][-1][2], infos[0]['valid_loss_alone'], rtol=1e-5)
 
 
 def test_only_rank_0_shows_the_epoch_table(finished):
@@ -142,13 +147,13 @@ def test_lr_find_and_the_trackers_agree_on_every_rank_and_only_rank_0_writes(fin
     assert all(torch.equal(params[0][k], params[1][k]) for k in params[0]), "BatchNorm buffers included"
     assert infos[0]['sugg'] == infos[1]['sugg'] and infos[0]['n_finder'] == infos[1]['n_finder'] == 12
     assert infos[0]['lr_find_restored'], "rank 0's model must be as it was before lr_find"
-    # at lr 0.1 the real valid_loss rises after the first epoch, so rank 0 stops early; rank 1's own rows said every
-    # epoch improved (it would have trained on, and saved every epoch), yet it took rank 0's rows and stopped with it
-    assert infos[0]['stopped_epoch'] == infos[1]['stopped_epoch'] is not None
-    assert infos[0]['best_epoch'] == infos[1]['best_epoch'] is not None
-    assert len(infos[0]['values']) == infos[0]['stopped_epoch'] + 1 < 8 and infos[0]['values'] == infos[1]['values']
-    assert infos[0]['own_rows'] == [] and [r[2] for r in infos[1]['own_rows']] == [-e for e in range(len(
-        infos[1]['values']))], "rank 1 must have seen its own improving valid_loss before taking rank 0's"
+    # rank 0's rows say valid_loss rose after epoch 0, so with patience 2 it stops after epoch 2; rank 1's own rows
+    # said every epoch improved (it would have trained on and saved every epoch), yet it took rank 0's and stopped too
+    assert infos[0]['stopped_epoch'] == infos[1]['stopped_epoch'] == 2
+    assert infos[0]['best_epoch'] == infos[1]['best_epoch'] == 0
+    assert len(infos[0]['values']) == 3 and infos[0]['values'] == infos[1]['values']
+    assert [r[2] for r in infos[1]['own_rows']] == [0., -1., -2.], "rank 1 saw its own falling valid_loss"
+    assert [r[2] for r in infos[0]['values']] == [r[2] for r in infos[0]['own_rows']], "every rank took rank 0's rows"
     written = sorted(p.relative_to(out/'learn').as_posix() for p in (out/'learn').rglob('*') if p.is_file())
     assert written == ['model.pth', 'models/best.pth'], written   # no temporary files left
     assert infos[1]['written'] == [] and set(infos[0]['written']) == {'best.pth', 'model.pth'}, infos
@@ -171,7 +176,7 @@ def test_the_main_job_under_torchrun_trains_on_two_processes_and_writes_one_repo
     out = tmp_path/'run'
     args = ['-m', 'course_lib', 'pets', '--out', out, '--size', '64', '--freeze-epochs', '1', '--epochs', '0',
             '--bs', '16', '--lr', '0', '--no-retrain']
-    r = torchrun(args, nproc=2, timeout=TIMEOUT, env={'COURSE_LIB_DATA': str(data_home())})
+    r = torchrun(args, nproc=2, timeout=TIMEOUT, env={'COURSE_LIB_DATA': str(data_home()), **CPU_ONLY})
     assert r.returncode == 0, r.stdout[-3000:]
     m = json.loads((out/'metrics.json').read_text())
     assert m['status'] == 'finished' and m['world_size'] == 2 and m['n_valid'] == 59   # the whole validation set
@@ -184,13 +189,14 @@ def test_the_main_job_under_torchrun_trains_on_two_processes_and_writes_one_repo
     assert 'each of the 2 processes trains on its share' in r.stdout   # the estimate is one process's
 
 
-def test_nproc_relaunches_the_same_command_under_torchrun(monkeypatch):
+def test_nproc_relaunches_the_same_command_under_torchrun(monkeypatch, capsys):
     import course_lib.cli as cli, course_lib.launch
     seen = {}
     class FakeRun:
         def __init__(self, cmd, env): seen.update(cmd=cmd, env=env)
         def wait(self): return 0
     monkeypatch.setattr(course_lib.launch.subprocess, 'Popen', FakeRun)
+    monkeypatch.setattr(course_lib.launch.torch.cuda, 'device_count', lambda: 0)   # a GPU machine too
     monkeypatch.delenv('WORLD_SIZE', raising=False)
     assert cli.main(['pets', '--out', 'x', '--nproc', '2', '--size', '64']) == 0
     assert seen['cmd'][1:] == ['-m', 'torch.distributed.run', '--standalone', '--nproc-per-node=2', '-m', 'course_lib',
@@ -203,6 +209,21 @@ def test_nproc_relaunches_the_same_command_under_torchrun(monkeypatch):
     with pytest.raises(SystemExit, match=r'the global batch of 15 does not divide by --nproc 2'):
         cli.main(['pets', '--out', 'x', '--nproc', '2', '--bs', '15'])
     assert not seen, "nothing may start"
+    monkeypatch.setattr(course_lib.launch.torch.cuda, 'device_count', lambda: 1)   # one GPU, two processes
+    assert cli.main(['pets', '--out', 'x', '--nproc', '2']) == 0 and seen
+    assert '--nproc 2, but this machine has 1 GPU(s): the processes train on the CPU' in capsys.readouterr().out
+
+
+def test_two_processes_on_one_gpu_use_gloo_on_the_cpu(monkeypatch):
+    import course_lib.distributed as d
+    monkeypatch.setattr(d.torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(d.torch.cuda, 'device_count', lambda: 1)
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
+    assert not d._gpu_each(), "NCCL cannot put two processes on one GPU"
+    monkeypatch.setattr(d.torch.cuda, 'device_count', lambda: 2)
+    assert d._gpu_each()
+    monkeypatch.setattr(d.torch.cuda, 'is_available', lambda: False)
+    assert not d._gpu_each()
 
 
 def test_the_global_batch_must_split_evenly(monkeypatch, tmp_path):
@@ -226,6 +247,7 @@ def test_on_windows_torchrun_gets_use_libuv_0_and_a_kill_ends_the_process_tree(m
         pid, killed = 4242, False
         def kill(self): self.killed = True
         def communicate(self, timeout=None): return 'what was left', None
+        def poll(self): return 0
     p = Proc()
     assert d._stop_run(p) == 'what was left'
     assert calls == [['taskkill', '/F', '/T', '/PID', '4242']] and not p.killed
@@ -235,18 +257,39 @@ def test_on_windows_torchrun_gets_use_libuv_0_and_a_kill_ends_the_process_tree(m
 def test_a_run_past_its_timeout_is_stopped_with_every_worker(tmp_path):
     # torchrun starts its workers in sessions of their own: killing its process group alone would leave them running
     script = tmp_path/'sleepy.py'
-    script.write_text("import os, time\nprint('worker pid', os.getpid(), flush=True)\ntime.sleep(600)\n")
+    # one write per line: both workers write to the same pipe, and print's separate writes could interleave
+    script.write_text("import os, sys, time\nsys.stdout.write(f'worker pid {os.getpid()}\\n')\ntime.sleep(600)\n")
     got = {}
     def call():
-        try: torchrun([script], nproc=2, timeout=10)
+        try: torchrun([script], nproc=2, timeout=30)
         except subprocess.TimeoutExpired as e: got['output'] = e.output
     watchdog = threading.Thread(target=call, daemon=True)   # the hang this test guards against must not hang CI
     watchdog.start(); watchdog.join(TIMEOUT)
-    assert not watchdog.is_alive(), f"torchrun() did not return within {TIMEOUT} s of being called with timeout=10"
+    assert not watchdog.is_alive(), f"torchrun() did not return within {TIMEOUT} s of being called with timeout=30"
     assert 'output' in got, "the run should have timed out"
-    pids = [int(l.split()[-1]) for l in got['output'].splitlines() if l.startswith('worker pid')]
+    pids = [int(pid) for pid in re.findall(r'worker pid (\d+)', got['output'])]
     assert len(pids) == 2, got['output'][-2000:]
-    def running(pid):
-        try: os.kill(pid, 0); return True
-        except ProcessLookupError: return False
-    assert not any(running(p) for p in pids), "a worker outlived the run"
+    assert not any(map(_running, pids)), "a worker outlived the run"
+
+
+def _running(pid):
+    "Is process `pid` still running? A killed process whose parent died waits as a zombie until init reaps it."
+    state = subprocess.run(['ps', '-o', 'stat=', '-p', str(pid)], capture_output=True, text=True).stdout.strip()
+    return bool(state) and not state.startswith('Z')
+
+
+@pytest.mark.skipif(sys.platform == 'win32', reason="process sessions and signals are POSIX")
+def test_a_launcher_that_ignores_sigterm_is_killed_with_the_children_in_their_own_sessions(tmp_path):
+    from course_lib.launch import _stop_run
+    script = tmp_path/'stubborn.py'
+    script.write_text("import signal, subprocess, sys, time\n"
+                      "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                      "kid = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], "
+                      "start_new_session=True)\n"
+                      "print('child pid', kid.pid, flush=True)\ntime.sleep(600)\n")
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    kid = int(p.stdout.readline().split()[-1])
+    out = _stop_run(p, grace=2)
+    assert p.poll() is not None and not _running(kid), "the launcher and its child must both be gone"
+    assert isinstance(out, str)
