@@ -123,18 +123,24 @@ def launched_by_torchrun() -> bool:
     "True when torchrun (or another launcher) set WORLD_SIZE > 1 for this process."
     return int(os.environ.get('WORLD_SIZE', '1') or 1) > 1
 
+def _local_processes() -> int:
+    "How many processes of the run are on this machine (torchrun sets LOCAL_WORLD_SIZE; else all of them)."
+    return int(os.environ.get('LOCAL_WORLD_SIZE') or os.environ.get('WORLD_SIZE') or 1)
+
 def _gpu_each() -> bool:
-    "Has every process on this machine a GPU of its own? (NCCL needs that; torchrun sets LOCAL_WORLD_SIZE.)"
-    return torch.cuda.is_available() and torch.cuda.device_count() >= int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+    "Has every process on this machine a GPU of its own? (NCCL needs that.)"
+    return torch.cuda.is_available() and torch.cuda.device_count() >= _local_processes()
 
 def init_distributed(backend:str=None, timeout:float=1800) -> bool:
     """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
     MASTER_PORT): NCCL with one GPU per local rank where every process here has a GPU, else gloo on the CPU (two
-    processes cannot share one GPU under NCCL). Returns True if this call created the group (False: one already
+    processes cannot share one GPU under NCCL), and then loaders made from now on are on the CPU too
+    (`COURSE_LIB_DEVICE=cpu`, unless it is set). Returns True if this call created the group (False: one already
     existed, or this is a single process). `timeout`: seconds a collective waits for the other processes."""
     if dist.is_initialized() or not launched_by_torchrun(): return False
     backend = backend or ('nccl' if _gpu_each() else 'gloo')
     if backend == 'nccl': torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
+    else: os.environ.setdefault('COURSE_LIB_DEVICE', 'cpu')   # a GPU or MPS that the processes cannot share
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
     return True
 
@@ -294,8 +300,8 @@ def _distrib_note(learn, sync_bn, device):
     bn = ('' if not _has_batchnorm(learn.model) else '; BatchNorm statistics synchronised (SyncBatchNorm)'
           if device.type == 'cuda' and sync_bn else '; BatchNorm statistics stay per process (SyncBatchNorm needs CUDA)'
           if device.type != 'cuda' else '; BatchNorm statistics per process (sync_bn=False)')
-    gpus = (f"; {torch.cuda.device_count()} GPU(s) for {os.environ.get('LOCAL_WORLD_SIZE')} processes here, so on "
-            "the CPU" if device.type == 'cpu' and torch.cuda.is_available() else '')
+    gpus = (f"; {torch.cuda.device_count()} GPU(s) for {_local_processes()} processes here, so on the CPU"
+            if device.type == 'cpu' and torch.cuda.is_available() and not _gpu_each() else '')
     print(f"distrib_ctx: {ws} processes ({dist.get_backend()}, {device.type}); bs {bs} per process = {bs * ws} per "
           f"step, learning rate not scaled{bn}{gpus}", flush=True)
 

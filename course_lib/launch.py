@@ -40,27 +40,33 @@ def torchrun(args, nproc:int=2, timeout:float=600, threads:int=1, env:dict=None)
 def _stop_run(p, grace:float=40) -> str:
     """Stop torchrun `p` and every process it started; return the output not yet read. torchrun starts each worker
     in a session of its own, out of reach of a signal to torchrun's process group, but on SIGTERM it stops them
-    itself (SIGTERM, then SIGKILL after 30 s). If it has not ended after `grace` seconds, its children's sessions
-    and its own group get SIGKILL."""
+    itself (SIGTERM, then SIGKILL after 30 s). If the output is still open after `grace` seconds (or a second Ctrl-C
+    comes), the sessions of torchrun's children, listed before anything was stopped, and its own group get SIGKILL."""
+    kids = _children(p.pid)   # now: a worker whose torchrun has died is no longer its child
     if sys.platform == 'win32':   # no signals there: taskkill /T ends the process tree
         if subprocess.run(['taskkill', '/F', '/T', '/PID', str(p.pid)], capture_output=True).returncode: p.kill()
     else: p.terminate()
     try: return p.communicate(timeout=grace)[0]
-    except subprocess.TimeoutExpired: pass
-    finally:
-        if p.poll() is None: _kill_tree(p)   # also when a second Ctrl-C cut the wait short
+    except BaseException as e:
+        _kill_sessions([*kids, p.pid])
+        if p.poll() is None: p.kill()
+        if not isinstance(e, subprocess.TimeoutExpired): raise
     try: return p.communicate(timeout=5)[0]
-    except subprocess.TimeoutExpired as e:   # a worker outlived torchrun and still holds the pipe
+    except subprocess.TimeoutExpired as e:   # a process outside torchrun's tree still holds the pipe
         return e.output.decode(errors='replace') if isinstance(e.output, bytes) else e.output or ''
 
-def _kill_tree(p):
-    "SIGKILL to the sessions of `p`'s children (torchrun's workers lead their own) and to `p`'s process group."
-    try: kids = subprocess.run(['pgrep', '-P', str(p.pid)], capture_output=True, text=True).stdout.split()
-    except OSError: kids = []   # no pgrep (a slim container): torchrun's own group at least
-    for pid in [*map(int, kids), p.pid]:
+def _children(pid:int) -> list:
+    "The process ids of `pid`'s children (`pgrep -P`; none where there is no pgrep: Windows, a slim container)."
+    if sys.platform == 'win32': return []   # taskkill /T finds them there
+    try: found = subprocess.run(['pgrep', '-P', str(pid)], capture_output=True, text=True).stdout
+    except OSError: return []
+    return [int(k) for k in found.split()]
+
+def _kill_sessions(pids):
+    "SIGKILL to the process group each of `pids` leads (torchrun's workers lead their own sessions)."
+    for pid in pids:
         try: os.killpg(pid, 9)
-        except (ProcessLookupError, PermissionError, AttributeError): pass
-    if p.poll() is None: p.kill()
+        except (ProcessLookupError, PermissionError, AttributeError): pass   # AttributeError: Windows
 
 # %% ../nbs/11a_torchrun.ipynb #86ec88b6
 def without_flag(argv, flag:str) -> list:
@@ -86,7 +92,7 @@ def relaunch(module:str, argv, nproc:int, flag:str='--nproc', batch:int=None) ->
     gpus = torch.cuda.device_count()
     if gpus and nproc > gpus:
         print(f"{module}: {flag} {nproc}, but this machine has {gpus} GPU(s): the processes train on the CPU (gloo); "
-              f"{flag} {gpus} would use the GPUs", flush=True)
+              f"{flag} {gpus} would use {'the GPU' if gpus == 1 else 'them'}", flush=True)
     cmd = torchrun_command(['-m', module, *without_flag(argv, flag)], nproc)
     print(f"{module}: {nproc} processes: python {' '.join(cmd[1:])}", flush=True)
     p = subprocess.Popen(cmd, env=torchrun_env({'OMP_NUM_THREADS': str(max(1, (os.cpu_count() or 1) // nproc)),

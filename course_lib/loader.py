@@ -145,9 +145,10 @@ def cache_plan(cache:ImageCache, n:int, presize:int, epochs:int=1, ws:int=1, fla
     if not len(cache): return f"not one decoded photo fits in {setting}: every epoch decodes every photo"
     need, fit = cache.nbytes / len(cache) * n / 2**20, photos_that_fit(cache, n)
     s = f"decoded at Resize({presize}) the {n} photos take about {need:,.0f} MB: "
-    more = '' if fit >= n else f" ({flag}{math.ceil(need * 1.05)} would hold them all)"
+    more = '' if fit >= n else f" ({flag}{math.ceil(need * 1.05)} would hold them all{' in each' * (ws > 1)})"
     if ws > 1:
-        return s + (f"each of the {ws} processes has a cache ({setting}) for {fit} of them and reads a new share "
+        room = f"all {n}" if fit >= n else fit
+        return s + (f"each of the {ws} processes has a cache ({setting}) with room for {room} and reads a new share "
                     f"every epoch, so it decodes about {expected_decodes(n, fit, epochs, ws):,.0f} photos in {epochs} "
                     f"epoch{'s' * (epochs != 1)}{more}")
     if fit >= n: return s + f"the cache ({setting}) holds them all, so only the first epoch decodes"

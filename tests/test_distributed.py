@@ -1,6 +1,7 @@
 """Data-parallel training (course_lib.distributed, notebook 11b; launching: course_lib.launch, notebook 11a): sharding
-properties in this process, then real two-process runs on the CPU (gloo), launched with torchrun as a reader would, each bounded by a timeout."""
-import json, os, re, subprocess, sys, threading
+properties in this process, then real two-process runs on the CPU (gloo), launched with torchrun as a reader would,
+each bounded by a timeout."""
+import json, os, re, shutil, subprocess, sys, threading
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +75,7 @@ def test_unshard_restores_the_loaders_own_order():
     assert [y.tolist() for _, y in dl.unshard()] == before
 
 
-CPU_ONLY = {'CUDA_VISIBLE_DEVICES': ''}   # these tests are of the gloo path; on a GPU machine too
+CPU_ONLY = {'CUDA_VISIBLE_DEVICES': '', 'COURSE_LIB_DEVICE': 'cpu'}   # the gloo path, on a GPU machine or a Mac too
 
 
 def _launch(mode, out, *torchrun_args):
@@ -153,7 +154,7 @@ def test_lr_find_and_the_trackers_agree_on_every_rank_and_only_rank_0_writes(fin
     assert infos[0]['best_epoch'] == infos[1]['best_epoch'] == 0
     assert len(infos[0]['values']) == 3 and infos[0]['values'] == infos[1]['values']
     assert [r[2] for r in infos[1]['own_rows']] == [0., -1., -2.], "rank 1 saw its own falling valid_loss"
-    assert [r[2] for r in infos[0]['values']] == [r[2] for r in infos[0]['own_rows']], "every rank took rank 0's rows"
+    assert [r[2] for r in infos[1]['values']] == [r[2] for r in infos[0]['own_rows']], "rank 1 took rank 0's rows"
     written = sorted(p.relative_to(out/'learn').as_posix() for p in (out/'learn').rglob('*') if p.is_file())
     assert written == ['model.pth', 'models/best.pth'], written   # no temporary files left
     assert infos[1]['written'] == [] and set(infos[0]['written']) == {'best.pth', 'model.pth'}, infos
@@ -253,7 +254,11 @@ def test_on_windows_torchrun_gets_use_libuv_0_and_a_kill_ends_the_process_tree(m
     assert calls == [['taskkill', '/F', '/T', '/PID', '4242']] and not p.killed
 
 
-@pytest.mark.skipif(sys.platform == 'win32', reason="os.kill(pid, 0) asks whether a process exists on POSIX only")
+needs_ps = pytest.mark.skipif(sys.platform == 'win32' or shutil.which('ps') is None,
+                              reason="POSIX process sessions and signals, and ps (procps) to look at the processes")
+
+
+@needs_ps
 def test_a_run_past_its_timeout_is_stopped_with_every_worker(tmp_path):
     # torchrun starts its workers in sessions of their own: killing its process group alone would leave them running
     script = tmp_path/'sleepy.py'
@@ -278,18 +283,26 @@ def _running(pid):
     return bool(state) and not state.startswith('Z')
 
 
-@pytest.mark.skipif(sys.platform == 'win32', reason="process sessions and signals are POSIX")
-def test_a_launcher_that_ignores_sigterm_is_killed_with_the_children_in_their_own_sessions(tmp_path):
+@needs_ps
+@pytest.mark.skipif(shutil.which('pgrep') is None, reason="finding the children needs pgrep (procps)")
+@pytest.mark.parametrize('launcher_on_sigterm', ['ignores it', 'dies'])
+def test_a_stopped_launcher_leaves_no_child_in_a_session_of_its_own(tmp_path, launcher_on_sigterm):
+    # 'ignores it': the launcher lives on; 'dies': its child, now init's, still holds the output pipe
     from course_lib.launch import _stop_run
-    script = tmp_path/'stubborn.py'
-    script.write_text("import signal, subprocess, sys, time\n"
-                      "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    script = tmp_path/'launcher.py'
+    ignore = "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if launcher_on_sigterm == 'ignores it' else ''
+    script.write_text("import signal, subprocess, sys, time\n" + ignore +
                       "kid = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], "
                       "start_new_session=True)\n"
                       "print('child pid', kid.pid, flush=True)\ntime.sleep(600)\n")
     p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          start_new_session=True)
     kid = int(p.stdout.readline().split()[-1])
-    out = _stop_run(p, grace=2)
-    assert p.poll() is not None and not _running(kid), "the launcher and its child must both be gone"
-    assert isinstance(out, str)
+    try:
+        out = _stop_run(p, grace=2)
+        assert p.poll() is not None and not _running(kid), "the launcher and its child must both be gone"
+        assert isinstance(out, str)
+    finally:   # whatever happened, leave no 600 s sleeper behind
+        for pid in (kid, p.pid):
+            try: os.killpg(pid, 9)
+            except (ProcessLookupError, PermissionError): pass
