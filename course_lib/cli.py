@@ -279,12 +279,12 @@ def _run_pets(args) -> int:
         if main:   # the other processes go on to lr_find, where they wait for rank 0
             m['estimated_s'] = round(estimate_seconds(learn, cfg), 1)
             again = f", then all {n_all} again for the exported model" if cfg['retrain'] else ''
+            ws = world_size()
+            shared = f"; each of the {ws} processes trains on its share, gradient exchange not counted" * (ws > 1)
             print(f"course-lib pets: {dls.train.n} photos to train on, {dls.valid.n} to validate{again}, "
                   f"{len(dls.vocab)} breeds; training should take about {_duration(m['estimated_s'])} on this "
-                  "machine (timed on one batch" + ('' if world_size() == 1 else f"; each of the {world_size()} "
-                  "processes trains on its share, gradient exchange not counted") + ')', flush=True)
-            n_epochs = cfg['freeze_epochs'] + cfg['epochs']
-            plan = cache_plan(dls.train.cache, n_all, cfg['presize'], n_epochs, world_size())
+                  f"machine (timed on one batch{shared})", flush=True)
+            plan = cache_plan(dls.train.cache, n_all, cfg['presize'], cfg['freeze_epochs'] + cfg['epochs'], ws)
             print(f"course-lib pets: {plan}", flush=True)
         with learn.distrib_ctx(seed=cfg['seed']):   # in a single process it changes nothing
             step('lr_find')
